@@ -1,0 +1,1 @@
+"""edge package (see ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""Training side of MoLE-Flow: data, backbone, flow, router, continual trainer, metrics."""
