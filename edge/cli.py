@@ -1,0 +1,170 @@
+"""The ``moleflow`` command line: one entry point, a subcommand per job.
+
+Training-side subcommands import torch lazily, so the edge side of this module (config checks
+now, the daemon later) runs in an environment without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from edge.config import PRESETS, ConfigError, describe, load_config
+from edge.errors import MoleflowError
+
+log = logging.getLogger("moleflow")
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec256"
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise argparse.ArgumentTypeError(f"--set expects section.option=value, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults, "
+                                               "documented in config.yaml)")
+    p.add_argument("--set", dest="settings", action="append", type=_setting, default=[],
+                   metavar="SECTION.OPTION=VALUE", help="override any config key (repeatable)")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model.preset (ablation)")
+    p.add_argument("--image-size", type=int, help="data.image_size")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _config(args: argparse.Namespace):
+    overrides = dict(args.settings)
+    for flag, key in (("epochs", "train.epochs"), ("preset", "model.preset"),
+                      ("image_size", "data.image_size"), ("seed", "train.seed")):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
+    if getattr(args, "data", None) is not None:
+        overrides["data.root"] = str(args.data)
+    return load_config(args.config, overrides)
+
+
+def _data_root(args: argparse.Namespace, cfg) -> Path:
+    if cfg.data.root is None:
+        raise ConfigError("data.root: no data folder given (use --data DIR or data.root)")
+    return Path(cfg.data.root)
+
+
+def _log_to(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "training.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from train.continual import step_matrix, train_tasks
+    _log_to(args.run)
+    results = train_tasks(args.run, _data_root(args, cfg), args.tasks, cfg, not args.quiet)
+    from train.bundle import RunBundle
+    bundle = RunBundle.open(args.run)
+    print(step_matrix(bundle, "image_auroc"))
+    print(step_matrix(bundle, "pixel_auroc"))
+    print(f"results: {args.run / 'final_results.csv'} ({len(results)} classes)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from train.continual import eval_run
+    _log_to(args.run)
+    eval_run(args.run, Path(cfg.data.root) if cfg.data.root else None, cfg, not args.quiet)
+    print(f"results: {args.run / 'final_results.csv'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train and evaluate the default sequence on the shared data, or on generated images."""
+    data = args.data
+    if data is None and SHARED_DATA.is_dir():
+        data = SHARED_DATA
+    if data is None:
+        from train.synthetic import make_synthetic_mvtec
+        data = make_synthetic_mvtec(args.run.parent / "synthetic-data", size=128)
+        log.info("no data folder given and ../shared/data absent: generated images in %s", data)
+        args.image_size = args.image_size or 128
+    from train.data import list_classes
+    args.data, args.tasks = data, args.tasks or list_classes(data)
+    if args.run.exists():
+        import shutil
+        shutil.rmtree(args.run)
+    return cmd_train(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from train.bench import bench_training
+    bench_training(_data_root(args, cfg), args.task, cfg, args.repeat)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.defaults:
+        for key, default, help_ in describe():
+            print(f"{key} = {default!r}  # {help_}")
+    else:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moleflow", description="MoLE-Flow Edge: continual "
+                                     "visual anomaly detection (train, evaluate, serve)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands: dict[str, tuple[Callable, str]] = {
+        "train": (cmd_train, "add product experts to a run (task by task) and evaluate"),
+        "eval": (cmd_eval, "evaluate every expert of a run, routed, without task ids"),
+        "demo": (cmd_demo, "the main job end to end on the available data"),
+        "bench": (cmd_bench, "time the training of one expert and print the figures"),
+        "config": (cmd_config, "validate a config file and print it resolved"),
+    }
+    for name, (fn, help_) in commands.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        _common(p)
+        if name in ("train", "eval", "demo", "bench"):
+            p.add_argument("--data", type=Path, help="MVTec-layout folder (data.root)")
+        if name in ("train", "eval"):
+            p.add_argument("--run", type=Path, required=True, help="run folder")
+        if name == "train":
+            p.add_argument("--tasks", nargs="+", required=True, help="classes, in order")
+        if name == "demo":
+            p.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder")
+            p.add_argument("--tasks", nargs="+", help="classes (default: all in the folder)")
+        if name == "bench":
+            p.add_argument("--task", default=None, help="class to train (default: the first)")
+            p.add_argument("--repeat", type=int, default=1, help="timed repetitions")
+        if name == "config":
+            p.add_argument("--defaults", action="store_true", help="list every option")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"moleflow: config error: {exc}", file=sys.stderr)
+    except MoleflowError as exc:  # data, run, backbone problems: the message names the file
+        print(f"moleflow: error: {exc}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

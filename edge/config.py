@@ -1,0 +1,246 @@
+"""The one typed configuration schema of MoLE-Flow Edge, validated at start.
+
+Each section is a frozen dataclass whose fields carry a description and bounds in their
+metadata. ``load_config`` reads ``config.yaml``, rejects unknown keys, checks every value and
+names the offending key (``model.lora_rank: must be >= 1, got 0``). Torch-free on purpose: the
+edge daemon validates the same file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edge.errors import MoleflowError
+
+
+class ConfigError(MoleflowError, ValueError):
+    """A configuration problem, its message naming the key (``section.option``)."""
+
+
+def opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+        choices: tuple | None = None) -> Any:
+    """A config field with its description and bounds."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+PRESETS: dict[str, dict[str, bool]] = {
+    "full": {},
+    "wo_lora": {"use_lora": False},
+    "wo_router": {"use_router": False},
+    "wo_adapter": {"use_adapter": False},
+    "wo_dia": {"use_dia": False},
+    "wo_tail_loss": {"use_tail_loss": False},
+}
+"""Ablation presets: each switches one component of the full model off."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str | None = opt(None, "MVTec-layout folder (<class>/train/good, <class>/test/<defect>, "
+                                 "<class>/ground_truth/<defect>/*_mask.png); --data overrides")
+    image_size: int = opt(256, "square input size in pixels; images are resized to it",
+                          min=32, max=2048)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = opt("tf_efficientnet_lite0", "timm model name of the frozen feature extractor")
+    weights: str | None = opt(None, "local weights file (state dict / safetensors); null: the "
+                                    "packaged ImageNet weights (tf_efficientnet_lite0 only)")
+    out_indices: list = opt([2, 3], "feature stages to use (timm feature indices; 2,3 = stride 8, 16)")
+    local_avg: int = opt(3, "neighbourhood average kernel applied to each stage (1 = none)",
+                         min=1, max=9)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = opt("full", "ablation preset", choices=tuple(PRESETS))
+    coupling_blocks: int = opt(6, "shared FrEIA AllInOneBlocks (base flow)", min=1, max=32)
+    dia_blocks: int = opt(2, "task-specific affine coupling blocks after the base flow",
+                          min=0, max=8)
+    clamp: float = opt(1.9, "soft clamp of the coupling log-scales", min=0.1, max=10.0)
+    hidden_ratio: float = opt(1.0, "subnet hidden width as a multiple of the feature width",
+                              min=0.125, max=8.0)
+    lora_rank: int = opt(64, "LoRA rank r", min=1, max=1024)
+    lora_alpha: float = opt(1.0, "LoRA alpha; the adapter is scaled by alpha / rank", min=0.0)
+    scale_context_kernel: int = opt(5, "depthwise kernel of the coupling scale context (0 = off)",
+                                    min=0, max=9)
+    spatial_context_kernel: int = opt(3, "depthwise kernel of the shared spatial mixer (0 = off)",
+                                      min=0, max=9)
+    pos_embedding: bool = opt(True, "add a fixed 2D sinusoidal positional encoding")
+    adapter_layernorm: bool = opt(True, "LayerNorm over channels inside the task input adapter")
+    use_lora: bool = opt(True, "per-task LoRA in the coupling subnets (preset may switch off)")
+    use_router: bool = opt(True, "route by Mahalanobis distance; false = oracle task id")
+    use_adapter: bool = opt(True, "per-task input adapter (whitening + FiLM)")
+    use_dia: bool = opt(True, "per-task DIA coupling blocks")
+    use_tail_loss: bool = opt(True, "tail-aware loss term on each image's top patch NLLs")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = opt(40, "epochs per task", min=1, max=1000)
+    batch_size: int = opt(16, "images per batch", min=1, max=1024)
+    lr: float = opt(3e-4, "peak learning rate (AdamW)", min=0.0, max=1.0)
+    min_lr_ratio: float = opt(0.01, "cosine schedule ends at lr * min_lr_ratio", min=0.0, max=1.0)
+    warmup_epochs: int = opt(2, "linear warm-up epochs for tasks after the first", min=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay", min=0.0)
+    grad_clip: float = opt(0.5, "gradient-norm clip", min=0.0)
+    tail_weight: float = opt(0.7, "weight of the tail term (1 - it weighs the mean NLL)",
+                             min=0.0, max=1.0)
+    tail_ratio: float = opt(0.02, "fraction of each image's patches in the tail term",
+                            min=0.0, max=1.0)
+    logdet_weight: float = opt(1e-4, "weight of the mean squared log-determinant", min=0.0)
+    seed: int = opt(0, "random seed", min=0)
+    threads: int = opt(0, "torch CPU threads (0 = all cores)", min=0, max=256)
+    cache_features: bool = opt(True, "cache backbone features per task in <run>/cache")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    top_k: int = opt(3, "image score = mean of the top-k patch scores", min=1)
+    smoothing_sigma: float = opt(4.0, "Gaussian sigma (pixels) of the anomaly map", min=0.0)
+    aupro_max_fpr: float = opt(0.3, "FPR limit of AUPRO", min=0.01, max=1.0)
+    overlays_per_class: int = opt(4, "heat-map overlay images written per class", min=0)
+    batch_size: int = opt(32, "images per scoring batch", min=1)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    shrinkage: str = opt("ledoit_wolf", "covariance estimator", choices=("ledoit_wolf", "fixed"))
+    fixed_shrinkage: float = opt(0.1, "shrinkage towards the scaled identity when 'fixed'",
+                                 min=0.0, max=1.0)
+    ridge: float = opt(1e-5, "added to the covariance diagonal", min=0.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def resolved_model(self) -> ModelConfig:
+        """The model section with its preset's switches applied."""
+        return dataclasses.replace(self.model, **PRESETS[self.model.preset])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_value(key: str, f: dataclasses.Field, hint: Any, value: Any) -> Any:
+    """Check one value against its type hint and bounds; return it normalised."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    optional = origin in (typing.Union, types.UnionType) and type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: a value is required (got null)")
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    base = typing.get_origin(base) or base
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+    elif base is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        value = float(value)
+    elif base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+    elif base is list:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                  for v in value) or not value:
+            raise ConfigError(f"{key}: must be a non-empty list of integers, got {value!r}")
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, meta['choices']))}; "
+                          f"got {value!r}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{key}: must be >= {meta['min']}, got {value!r}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{key}: must be <= {meta['max']}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: must be a mapping of options, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown option (known: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], raw.get(name), key)
+        elif name in raw:
+            values[name] = _check_value(key, f, hints[name], raw[name])
+    return cls(**values)
+
+
+def parse_config(raw: dict[str, Any] | None) -> Config:
+    """Validate a config mapping (as read from YAML) into a ``Config``."""
+    return _build(Config, raw, "")
+
+
+def load_config(path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Read ``path`` (defaults when None), apply ``{"section.option": value}`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        section, _, option = dotted.partition(".")
+        node = raw.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{section}: must be a mapping of options, got {node!r}")
+        node[option] = value
+    return parse_config(raw)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, description) of every option, for docs and the config.yaml test."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], key)
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((key, default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,146 @@
+"""Continual training end to end on the synthetic MVTec-layout set: run folder, zero forgetting,
+bad input. Small model and few epochs: these check behaviour, not accuracy."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.cli import main
+from edge.config import load_config
+from train.bundle import RunBundle
+from train.continual import open_session, train_tasks
+from train.evaluate import score_class
+
+SMALL = {"train.epochs": 2, "data.image_size": 64, "model.coupling_blocks": 2,
+         "model.lora_rank": 8, "eval.overlays_per_class": 2}
+CLI_SMALL = ["--quiet"] + [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
+
+
+def _digests(run: Path) -> dict[str, str]:
+    files = [run / "base.safetensors", *sorted((run / "experts").iterdir()),
+             *sorted((run / "router").iterdir())]
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def _alpha_scores(run: Path, synthetic_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of class alpha by its own expert (task 0), from the stored run."""
+    from train.data import load_class
+    session = open_session(run, load_config(None, SMALL), progress=False, create=False)
+    feats = session.store.features(load_class(synthetic_root, "alpha"), "test")
+    return score_class(session.model, feats, np.zeros(len(feats), int), session.cfg.eval, 64)
+
+
+@pytest.fixture(scope="module")
+def two_step_run(synthetic_root, tmp_path_factory):
+    """alpha trained first; beta added later by a second `train --run`."""
+    run = tmp_path_factory.mktemp("run") / "line1"
+    cfg = load_config(None, SMALL)
+    first = train_tasks(run, synthetic_root, ["alpha"], cfg, progress=False)
+    before = _digests(run)
+    scores_before = _alpha_scores(run, synthetic_root)
+    assert main(["train", "--run", str(run), "--data", str(synthetic_root), "--tasks", "beta",
+                 *CLI_SMALL]) == 0
+    return run, first, before, scores_before
+
+
+def test_run_folder_holds_everything(two_step_run):
+    run, *_ = two_step_run
+    for name in ("run.json", "config.yaml", "base.safetensors", "training.log", "metrics.csv",
+                 "final_results.csv"):
+        assert (run / name).is_file(), name
+    assert len(list((run / "experts").glob("*.safetensors"))) == 2
+    assert len(list((run / "router").glob("*.safetensors"))) == 2
+    assert len(list((run / "overlays" / "alpha").glob("*.png"))) == 2
+    with open(run / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["step"], r["class"]) for r in rows] == [("0", "alpha"), ("1", "alpha"), ("1", "beta")]
+    with open(run / "final_results.csv") as fh:
+        final = {r["class"]: r for r in csv.DictReader(fh)}
+    assert set(final) == {"alpha", "beta", "mean"}
+    assert float(final["alpha"]["forgetting_image_auroc"]) == 0.0  # exact zero forgetting
+    for r in final.values():
+        assert float(r["routing_accuracy"]) == 1.0
+        assert 0.5 < float(r["image_auroc"]) <= 1.0 and 0.5 < float(r["pixel_auroc"]) <= 1.0
+    assert not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl")), "no pickled objects"
+
+
+def test_adding_a_task_leaves_earlier_files_byte_identical(two_step_run):
+    run, _, before, _ = two_step_run
+    after = _digests(run)
+    for name, digest in before.items():
+        assert after[name] == digest, f"{name} changed when a task was added"
+
+
+def test_earlier_scores_are_bit_identical_after_a_later_task(two_step_run, synthetic_root):
+    run, first, _, (scores_before, maps_before) = two_step_run
+    scores_after, maps_after = _alpha_scores(run, synthetic_root)
+    assert np.array_equal(scores_before, scores_after)
+    assert np.array_equal(maps_before, maps_after)
+    assert np.array_equal(first["alpha"].scores, scores_after)
+
+
+def test_eval_reproduces_the_final_step(two_step_run, synthetic_root):
+    run, *_ = two_step_run
+    with open(run / "metrics.csv") as fh:
+        last = {r["class"]: r for r in csv.DictReader(fh) if r["step"] == "1"}
+    assert main(["eval", "--run", str(run), "--data", str(synthetic_root), *CLI_SMALL]) == 0
+    with open(run / "final_results.csv") as fh:
+        final = {r["class"]: r for r in csv.DictReader(fh)}
+    for name in ("alpha", "beta"):
+        assert final[name]["image_auroc"] == last[name]["image_auroc"]
+
+
+def test_a_task_already_in_the_run_is_refused(two_step_run, synthetic_root, capsys):
+    run, *_ = two_step_run
+    before = _digests(run)
+    assert main(["train", "--run", str(run), "--data", str(synthetic_root), "--tasks", "alpha",
+                 *CLI_SMALL]) == 2
+    assert "alpha, already learned in run" in capsys.readouterr().err
+    assert _digests(run) == before
+
+
+def test_missing_data_folder_is_named(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(["train", "--run", str(tmp_path / "r"), "--data", str(missing), "--tasks", "x",
+                 *CLI_SMALL]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_unknown_class_lists_the_known_ones(synthetic_root, tmp_path, capsys):
+    assert main(["train", "--run", str(tmp_path / "r"), "--data", str(synthetic_root),
+                 "--tasks", "cable", *CLI_SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "cable" in err and "alpha" in err
+
+
+def test_bad_config_value_is_named(tmp_path, synthetic_root, capsys):
+    assert main(["train", "--run", str(tmp_path / "r"), "--data", str(synthetic_root),
+                 "--tasks", "alpha", "--set", "model.lora_rank=-1"]) == 2
+    assert "model.lora_rank" in capsys.readouterr().err
+
+
+def test_grey_scale_class_trains(tmp_path, synthetic_root):
+    """A class of grey-scale images (as some MVTec classes are) trains and evaluates."""
+    import shutil
+
+    import cv2
+    root = tmp_path / "grey"
+    shutil.copytree(synthetic_root / "gamma", root / "gamma")
+    for png in root.rglob("*.png"):
+        if "ground_truth" not in png.parts:
+            img = cv2.imread(str(png))
+            cv2.imwrite(str(png), cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
+    results = train_tasks(tmp_path / "run", root, ["gamma"], load_config(None, SMALL),
+                          progress=False)
+    assert results["gamma"].metrics.image_auroc > 0.5
+
+
+def test_run_bundle_refuses_a_foreign_folder(tmp_path):
+    from train.bundle import RunError
+    with pytest.raises(RunError, match="not a run folder"):
+        RunBundle.open(tmp_path)

@@ -1,0 +1,44 @@
+"""``moleflow bench``: how long one expert takes to train, printed as figures."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from edge.config import Config
+from train.backbone import FeatureExtractor
+from train.data import list_classes, load_class
+from train.features import FeatureStore, channel_stats
+from train.flow import MoLEFlow
+from train.trainer import train_task
+
+
+def bench_training(data_root: Path, task: str | None, cfg: Config, repeat: int = 1) -> list[float]:
+    """Time feature extraction (uncached) and the training of a first expert on one class."""
+    torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
+    name = task or list_classes(data_root)[0]
+    data = load_class(data_root, name)
+    totals = []
+    for r in range(repeat):
+        t0 = time.perf_counter()
+        extractor = FeatureExtractor(cfg.backbone)
+        with tempfile.TemporaryDirectory() as tmp:
+            store = FeatureStore(extractor, cfg.data.image_size, Path(tmp), progress=False)
+            feats = store.features(data, "train")
+        t1 = time.perf_counter()
+        torch.manual_seed(cfg.train.seed)
+        model = MoLEFlow(extractor.dim, extractor.grid(cfg.data.image_size), cfg.resolved_model())
+        model.add_task(0, *channel_stats(feats))
+        report = train_task(model, 0, feats, cfg.train, cfg.resolved_model(), progress=False)
+        total = time.perf_counter() - t0
+        totals.append(total)
+        print(f"bench train | class {name} | {len(feats)} images at {cfg.data.image_size}px | "
+              f"threads {torch.get_num_threads()} of {os.cpu_count()} cores | features "
+              f"{t1 - t0:.1f} s | training {report.epochs} epochs {report.seconds:.1f} s "
+              f"({report.seconds / report.epochs:.2f} s/epoch) | one expert total {total:.1f} s "
+              f"({total / 60:.2f} min) | run {r + 1}/{repeat}")
+    return totals

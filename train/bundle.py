@@ -1,0 +1,179 @@
+"""The run folder: everything needed to continue training, evaluate or export.
+
+    run.json                      format version, backbone identity, feature shape, tasks
+    config.yaml                   the resolved configuration
+    base.safetensors              shared flow (written once, after task 0)
+    experts/task_000_<name>.safetensors   LoRA, input adapter, DIA of one task
+    router/task_000_<name>.safetensors    router mean, precision, training distances
+    training.log, metrics.csv, final_results.csv, overlays/<class>/*.png, cache/
+
+Tensors are stored as data (safetensors), never as pickled modules. Files of a task are written
+once and never rewritten, so adding a task leaves the earlier experts byte-identical.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.numpy import load_file as load_np, save_file as save_np
+from safetensors.torch import load_file, save_file
+
+from edge.config import Config, parse_config
+from edge.errors import MoleflowError
+from train.flow import MoLEFlow
+from train.router import PrototypeRouter, TaskPrototype
+
+RUN_FORMAT = 1
+_TASK_KEY = re.compile(r"(?:^(?:adapters|dia)\.(\d+)\.|\.(?:lora_A|lora_B|task_bias)\.(\d+)$)")
+
+
+class RunError(MoleflowError, RuntimeError):
+    """The run folder is missing, incomplete, or incompatible with the request."""
+
+
+def task_of_key(key: str) -> int | None:
+    """Task index a state-dict key belongs to, or None for the shared base."""
+    m = _TASK_KEY.search(key)
+    return None if m is None else int(m.group(1) or m.group(2))
+
+
+@dataclass
+class TaskRecord:
+    index: int
+    name: str
+    data_root: str
+    train_seconds: float = 0.0
+
+    @property
+    def stem(self) -> str:
+        return f"task_{self.index:03d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', self.name)}"
+
+
+@dataclass
+class RunBundle:
+    path: Path
+    config: Config
+    backbone_identity: str
+    dim: int
+    grid: tuple[int, int]
+    tasks: list[TaskRecord] = field(default_factory=list)
+
+    # ----- creation / opening ----------------------------------------------------------------
+    @classmethod
+    def create(cls, path: Path, config: Config, backbone_identity: str, dim: int,
+               grid: tuple[int, int]) -> "RunBundle":
+        path.mkdir(parents=True, exist_ok=True)
+        bundle = cls(path, config, backbone_identity, dim, tuple(grid))
+        (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        bundle._write_manifest()
+        return bundle
+
+    @classmethod
+    def exists(cls, path: Path) -> bool:
+        return (path / "run.json").is_file()
+
+    @classmethod
+    def open(cls, path: Path) -> "RunBundle":
+        meta_path = path / "run.json"
+        if not meta_path.is_file():
+            raise RunError(f"{path} is not a run folder (no run.json): train a first task with "
+                           f"'moleflow train --run {path} --data DIR --tasks NAME'")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != RUN_FORMAT:
+            raise RunError(f"{meta_path}: run format {meta.get('format')} is not supported "
+                           f"(this version reads format {RUN_FORMAT})")
+        config = parse_config(yaml.safe_load((path / "config.yaml").read_text()))
+        tasks = [TaskRecord(**t) for t in meta["tasks"]]
+        return cls(path, config, meta["backbone"], meta["dim"], tuple(meta["grid"]), tasks)
+
+    def _write_manifest(self) -> None:
+        meta = {"format": RUN_FORMAT, "backbone": self.backbone_identity, "dim": self.dim,
+                "grid": list(self.grid), "tasks": [t.__dict__ for t in self.tasks],
+                "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+        tmp = self.path / "run.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.replace(self.path / "run.json")
+
+    # ----- tasks ---------------------------------------------------------------------------
+    def expert_file(self, record: TaskRecord) -> Path:
+        return self.path / "experts" / f"{record.stem}.safetensors"
+
+    def router_file(self, record: TaskRecord) -> Path:
+        return self.path / "router" / f"{record.stem}.safetensors"
+
+    def save_task(self, model: MoLEFlow, record: TaskRecord, proto: TaskPrototype) -> None:
+        """Write a newly trained task's files (and the base after the first task)."""
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if not self.tasks:
+            save_file({k: v for k, v in state.items() if task_of_key(k) is None},
+                      str(self.path / "base.safetensors"))
+        expert = {k: v for k, v in state.items() if task_of_key(k) == record.index}
+        for folder in ("experts", "router"):
+            (self.path / folder).mkdir(exist_ok=True)
+        save_file(expert, str(self.expert_file(record)), metadata={"name": record.name})
+        save_np({"mean": proto.mean, "precision": proto.precision,
+                 "train_distances": proto.train_distances}, str(self.router_file(record)),
+                metadata={"name": record.name})
+        self.tasks.append(record)
+        self._write_manifest()
+
+    def load_model(self, seed: int = 0) -> MoLEFlow:
+        """Rebuild the flow with every stored expert."""
+        cfg = self.config.resolved_model()
+        model = MoLEFlow(self.dim, self.grid, cfg, seed=seed)
+        state = dict(load_file(str(self._need(self.path / "base.safetensors"))))
+        for record in self.tasks:
+            model.add_task(record.index, torch.zeros(self.dim), torch.ones(self.dim))
+            state.update(load_file(str(self._need(self.expert_file(record)))))
+        model.load_state_dict(state, strict=True)
+        return model.eval().requires_grad_(False)
+
+    def load_router(self) -> PrototypeRouter:
+        router = PrototypeRouter()
+        for record in self.tasks:
+            arrays = load_np(str(self._need(self.router_file(record))))
+            router.add(TaskPrototype(record.name, arrays["mean"], arrays["precision"],
+                                     arrays["train_distances"]))
+        return router
+
+    @staticmethod
+    def _need(path: Path) -> Path:
+        if not path.is_file():
+            raise RunError(f"run file {path} is missing: the run folder is incomplete")
+        return path
+
+    # ----- results -------------------------------------------------------------------------
+    def append_metrics(self, rows: list[dict[str, Any]]) -> None:
+        _write_csv(self.path / "metrics.csv", rows, append=True)
+
+    def read_metrics(self) -> list[dict[str, str]]:
+        path = self.path / "metrics.csv"
+        if not path.is_file():
+            return []
+        with open(path, newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def write_final(self, rows: list[dict[str, Any]]) -> None:
+        _write_csv(self.path / "final_results.csv", rows, append=False)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], append: bool) -> None:
+    if not rows:
+        return
+    new = not (append and path.is_file())
+    with open(path, "a" if append else "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6f}" if isinstance(v, (float, np.floating)) else v)
+                             for k, v in row.items()})

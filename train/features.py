@@ -1,0 +1,81 @@
+"""Backbone features per class and split, cached on disk and keyed by everything they depend on.
+
+The cache key hashes the backbone identity (name, weights digest, stages, local average), the
+image size and the data fingerprint (paths, sizes, mtimes), so a change to any of them
+invalidates the entry; stale entries of the same class and split are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from train.backbone import FeatureExtractor, extract
+from train.data import ClassData, load_images, read_mask
+
+log = logging.getLogger("moleflow.features")
+
+
+class FeatureStore:
+    """Extracts (and caches) patch features of a class's train or test images."""
+
+    def __init__(self, extractor: FeatureExtractor, image_size: int,
+                 cache_dir: Path | None = None, progress: bool = True) -> None:
+        self.extractor, self.image_size = extractor, image_size
+        self.cache_dir, self.progress = cache_dir, progress
+
+    def _key(self, data: ClassData, split: str) -> str:
+        ident = f"{self.extractor.identity(self.image_size)}|{split}|{data.fingerprint()}"
+        return hashlib.sha256(ident.encode()).hexdigest()[:20]
+
+    def _paths(self, data: ClassData, split: str) -> list[Path]:
+        return list(data.train) if split == "train" else [t.path for t in data.test]
+
+    def images_of(self, paths: list[Path]) -> np.ndarray:
+        """uint8 RGB images (N, S, S, 3) at the store's size."""
+        return load_images(paths, self.image_size)
+
+    def features(self, data: ClassData, split: str) -> torch.Tensor:
+        """(N, D, H, W) float32 features of ``split`` ('train' or 'test') of ``data``."""
+        path = None
+        if self.cache_dir is not None:
+            path = self.cache_dir / f"{data.name}-{split}-{self._key(data, split)}.npy"
+            if path.is_file():
+                return torch.from_numpy(np.load(path))
+        images = self.images_of(self._paths(data, split))
+        bar = tqdm(total=len(images), desc=f"features {data.name}/{split}", unit="img",
+                   disable=not self.progress, leave=False)
+        feats = extract(self.extractor, images, progress=bar.update)
+        bar.close()
+        if path is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.cache_dir.glob(f"{data.name}-{split}-*.npy"):
+                stale.unlink()
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, feats.numpy())
+            tmp.replace(path)
+        return feats
+
+    def masks(self, data: ClassData) -> np.ndarray:
+        """Ground-truth masks (N, S, S) bool of the test images (all-false for good ones)."""
+        out = np.zeros((len(data.test), self.image_size, self.image_size), dtype=bool)
+        for i, item in enumerate(data.test):
+            if item.mask_path is not None:
+                out[i] = read_mask(item.mask_path, item.path, self.image_size)
+        return out
+
+
+def pooled(feats: torch.Tensor) -> np.ndarray:
+    """Image-level router feature: the patch features averaged over the grid (N, D)."""
+    return feats.mean(dim=(2, 3)).double().numpy()
+
+
+def channel_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over all patches of a task's training features."""
+    flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).double()
+    return flat.mean(dim=0).float(), flat.std(dim=0).float()
