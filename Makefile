@@ -8,7 +8,6 @@ BIN := $(VENV)/bin
 
 $(BIN)/moleflow: setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[train,dev]'
 	touch $@
 

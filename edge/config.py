@@ -79,6 +79,8 @@ class ModelConfig:
                                       min=0, max=9)
     pos_embedding: bool = opt(True, "add a fixed 2D sinusoidal positional encoding")
     adapter_layernorm: bool = opt(True, "LayerNorm over channels inside the task input adapter")
+    whitening: str = opt("channel", "task input whitening: per-channel std, or full (ZCA)",
+                         choices=("channel", "full"))
     use_lora: bool = opt(True, "per-task LoRA in the coupling subnets (preset may switch off)")
     use_router: bool = opt(True, "route by Mahalanobis distance; false = oracle task id")
     use_adapter: bool = opt(True, "per-task input adapter (whitening + FiLM)")
@@ -100,6 +102,8 @@ class TrainConfig:
     tail_ratio: float = opt(0.02, "fraction of each image's patches in the tail term",
                             min=0.0, max=1.0)
     logdet_weight: float = opt(1e-4, "weight of the mean squared log-determinant", min=0.0)
+    feature_noise: float = opt(0.0, "std of Gaussian noise added to the flow input while "
+                                    "training (regularises against memorising patches)", min=0.0)
     seed: int = opt(0, "random seed", min=0)
     threads: int = opt(0, "torch CPU threads (0 = all cores)", min=0, max=256)
     cache_features: bool = opt(True, "cache backbone features per task in <run>/cache")

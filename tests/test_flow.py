@@ -11,7 +11,7 @@ from FrEIA.modules import AllInOneBlock
 
 from edge.config import ModelConfig, TrainConfig
 from train.flow import (AffineCoupling, ContextSubnet, FlowState, MoLEFlow, PermutedBlock,
-                        positional_encoding_2d)
+                        positional_encoding_2d, whitening_statistics)
 from train.lora import LoRALinear
 from train.trainer import flow_loss, freeze_for_task, train_task
 
@@ -38,7 +38,7 @@ def _model(dim: int = 6, grid=(3, 3), tasks: int = 2, **kw) -> MoLEFlow:
     torch.manual_seed(0)
     model = MoLEFlow(dim, grid, cfg).double()
     for t in range(tasks):
-        model.add_task(t, torch.randn(dim), torch.rand(dim) + 0.5)
+        model.add_task(t, torch.randn(5, dim, *grid) * (torch.rand(dim)[:, None, None] + 0.5) + 1)
     model.double()
     _randomise(model)
     return model.eval()
@@ -158,10 +158,10 @@ def test_later_task_leaves_base_and_earlier_experts_untouched():
         cfg = ModelConfig(coupling_blocks=2, lora_rank=4)
         model = MoLEFlow(8, (4, 4), cfg)
         tcfg = TrainConfig(epochs=2, batch_size=4)
-        model.add_task(0, torch.zeros(8), torch.ones(8))
+        model.add_task(0)
         train_task(model, 0, _features(8, 8), tcfg, cfg, progress=False)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        model.add_task(1, torch.zeros(8), torch.ones(8))
+        model.add_task(1)
         task1 = {id(p) for p in model.expert_parameters(1)}
         train_task(model, 1, _features(8, 8, shift=2.0, seed=1), tcfg, cfg, progress=False)
         after = model.state_dict()
@@ -194,3 +194,20 @@ def test_tail_loss_weights_the_worst_patches():
     plain = dataclasses.replace(cfg, tail_weight=0.0)
     assert flow_loss(z, logdet, cfg) > flow_loss(z, logdet, plain)
     assert flow_loss(z, logdet, cfg, tail=False) == flow_loss(z, logdet, plain)
+
+
+@pytest.mark.parametrize("mode", ["channel", "full"])
+def test_whitening_statistics_whiten_the_task(mode):
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    feats = (torch.randn(40, 6, 6, 5, generator=gen, dtype=torch.float64) @ mix.T + 3.0)
+    feats = feats.permute(0, 3, 1, 2)  # (N, D, H, W) with correlated channels
+    mean, whiten = (t.double() for t in whitening_statistics(feats, mode, shrink=0.0))
+    flat = feats.permute(0, 2, 3, 1).reshape(-1, 5)
+    white = (flat - mean) * whiten if mode == "channel" else (flat - mean) @ whiten.T
+    cov = torch.cov(white.T)
+    if mode == "channel":
+        assert torch.allclose(cov.diagonal(), torch.ones(5, dtype=cov.dtype), atol=1e-3)
+    else:
+        assert torch.allclose(cov, torch.eye(5, dtype=cov.dtype), atol=1e-3)
+    assert torch.allclose(white.mean(0), torch.zeros(5, dtype=cov.dtype), atol=1e-3)

@@ -12,7 +12,7 @@ import torch
 from edge.config import Config
 from train.backbone import FeatureExtractor
 from train.data import list_classes, load_class
-from train.features import FeatureStore, channel_stats
+from train.features import FeatureStore
 from train.flow import MoLEFlow
 from train.trainer import train_task
 
@@ -32,7 +32,7 @@ def bench_training(data_root: Path, task: str | None, cfg: Config, repeat: int =
         t1 = time.perf_counter()
         torch.manual_seed(cfg.train.seed)
         model = MoLEFlow(extractor.dim, extractor.grid(cfg.data.image_size), cfg.resolved_model())
-        model.add_task(0, *channel_stats(feats))
+        model.add_task(0, feats)
         report = train_task(model, 0, feats, cfg.train, cfg.resolved_model(), progress=False)
         total = time.perf_counter() - t0
         totals.append(total)

@@ -132,7 +132,7 @@ class RunBundle:
         model = MoLEFlow(self.dim, self.grid, cfg, seed=seed)
         state = dict(load_file(str(self._need(self.path / "base.safetensors"))))
         for record in self.tasks:
-            model.add_task(record.index, torch.zeros(self.dim), torch.ones(self.dim))
+            model.add_task(record.index)
             state.update(load_file(str(self._need(self.expert_file(record)))))
         model.load_state_dict(state, strict=True)
         return model.eval().requires_grad_(False)

@@ -19,7 +19,7 @@ from train.backbone import FeatureExtractor
 from train.bundle import RunBundle, RunError, TaskRecord
 from train.data import ClassData, DataError, load_class
 from train.evaluate import ClassResult, evaluate_class, write_overlays
-from train.features import FeatureStore, channel_stats, pooled
+from train.features import FeatureStore, pooled
 from train.flow import MoLEFlow
 from train.metrics import forgetting, mean_metrics
 from train.router import PrototypeRouter, fit_prototype
@@ -127,7 +127,7 @@ def train_tasks(run_dir: Path, data_root: Path, tasks: list[str], config: Config
             session.model = MoLEFlow(session.bundle.dim, session.bundle.grid,
                                      cfg.resolved_model(), seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed * 1000 + index)
-        session.model.add_task(index, *channel_stats(feats))
+        session.model.add_task(index, feats)
         log.info("task %d: %s, %d training images", index, data.name, len(feats))
         report: TrainReport = train_task(session.model, index, feats, cfg.train,
                                          cfg.resolved_model(), progress)

@@ -74,8 +74,3 @@ def pooled(feats: torch.Tensor) -> np.ndarray:
     """Image-level router feature: the patch features averaged over the grid (N, D)."""
     return feats.mean(dim=(2, 3)).double().numpy()
 
-
-def channel_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over all patches of a task's training features."""
-    flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).double()
-    return flat.mean(dim=0).float(), flat.std(dim=0).float()

@@ -46,20 +46,44 @@ def positional_encoding_2d(dim: int, height: int, width: int) -> torch.Tensor:
     return pe.float()
 
 
-class TaskAdapter(nn.Module):
-    """Whitening to the task's channel statistics, LayerNorm, bounded FiLM (identity at start)."""
+def whitening_statistics(feats: torch.Tensor, mode: str,
+                         shrink: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D,) and whitening map of a task's training features (N, D, H, W).
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, layernorm: bool = True) -> None:
+    ``channel``: per-channel 1/std (D,). ``full``: the ZCA matrix (D, D) of the covariance,
+    shrunk slightly towards its mean eigenvalue so rare directions are not blown up.
+    """
+    flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).double()
+    mean = flat.mean(dim=0)
+    if mode == "channel":
+        return mean.float(), (1.0 / flat.std(dim=0).clamp_min(1e-6)).float()
+    centred = flat - mean
+    cov = centred.T @ centred / max(1, len(flat) - 1)
+    cov = (1 - shrink) * cov + shrink * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+    evals, evecs = torch.linalg.eigh(cov)
+    zca = evecs @ torch.diag(evals.clamp_min(1e-12).rsqrt()) @ evecs.T
+    return mean.float(), zca.float()
+
+
+class TaskAdapter(nn.Module):
+    """Whitening to the task's feature statistics, optional LayerNorm, bounded FiLM (identity
+    at start). The statistics are buffers, set once from the task's training features."""
+
+    def __init__(self, dim: int, whitening: str = "channel", layernorm: bool = True) -> None:
         super().__init__()
-        dim = mean.numel()
-        self.register_buffer("mean", mean.clone().float())
-        self.register_buffer("inv_std", 1.0 / std.clone().float().clamp_min(1e-6))
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("whiten", torch.ones(dim) if whitening == "channel" else torch.eye(dim))
         self.layernorm = layernorm
         self.gamma_raw = nn.Parameter(torch.full((dim,), GAMMA_IDENTITY))
         self.beta_raw = nn.Parameter(torch.zeros(dim))
 
+    def set_statistics(self, mean: torch.Tensor, whiten: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.whiten.copy_(whiten)
+
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        x = (x - self.mean) * self.inv_std
+        x = x - self.mean
+        x = x * self.whiten if self.whiten.dim() == 1 else x @ self.whiten.T
         if pos is not None:
             x = x + pos
         if self.layernorm:
@@ -219,14 +243,21 @@ class MoLEFlow(nn.Module):
     def lora_linears(self) -> list[LoRALinear]:
         return [lin for blk in self.blocks for lin in blk.subnet.linears()]
 
-    def add_task(self, task: int, feat_mean: torch.Tensor, feat_std: torch.Tensor) -> None:
-        """Create task ``task``'s expert: LoRA adapters, input adapter and DIA blocks."""
+    def add_task(self, task: int, feats: torch.Tensor | None = None) -> None:
+        """Create task ``task``'s expert: LoRA adapters, input adapter and DIA blocks.
+
+        ``feats`` (N, D, H, W), the task's training features, set the adapter's whitening;
+        None leaves placeholders for a state dict to be loaded.
+        """
         if task in self.tasks:
             raise ValueError(f"task {task} already exists")
         for lin in self.lora_linears():
             lin.add_task(task)
         if self.cfg.use_adapter:
-            self.adapters[str(task)] = TaskAdapter(feat_mean, feat_std, self.cfg.adapter_layernorm)
+            adapter = TaskAdapter(self.dim, self.cfg.whitening, self.cfg.adapter_layernorm)
+            if feats is not None:
+                adapter.set_statistics(*whitening_statistics(feats, self.cfg.whitening))
+            self.adapters[str(task)] = adapter
         if self.cfg.use_dia and self.cfg.dia_blocks > 0:
             self.dia[str(task)] = nn.ModuleList(
                 AffineCoupling(self.dim, flip=bool(i % 2), clamp=self.cfg.clamp)

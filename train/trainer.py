@@ -76,7 +76,10 @@ def train_task(model: MoLEFlow, task: int, feats: torch.Tensor, cfg: TrainConfig
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, total, warmup, cfg.min_lr_ratio)
             step += 1
-            z, logdet = model(feats[order[i:i + cfg.batch_size]], task)
+            x = model.embed(feats[order[i:i + cfg.batch_size]], task)
+            if cfg.feature_noise > 0:
+                x = x + cfg.feature_noise * torch.randn(x.shape, generator=gen)
+            z, logdet = model.transform(x, task)
             loss = flow_loss(z, logdet, cfg, tail=model_cfg.use_tail_loss)
             if not torch.isfinite(loss) or loss.item() > 1e6:
                 skipped += 1
