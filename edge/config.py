@@ -75,12 +75,14 @@ class ModelConfig:
     lora_alpha: float = opt(1.0, "LoRA alpha; the adapter is scaled by alpha / rank", min=0.0)
     scale_context_kernel: int = opt(5, "depthwise kernel of the coupling scale context (0 = off)",
                                     min=0, max=9)
-    spatial_context_kernel: int = opt(3, "depthwise kernel of the shared spatial mixer (0 = off)",
+    spatial_context_kernel: int = opt(0, "depthwise kernel of the shared spatial mixer (0 = off)",
                                       min=0, max=9)
     pos_embedding: bool = opt(True, "add a fixed 2D sinusoidal positional encoding")
-    adapter_layernorm: bool = opt(True, "LayerNorm over channels inside the task input adapter")
-    whitening: str = opt("channel", "task input whitening: per-channel std, or full (ZCA)",
+    adapter_layernorm: bool = opt(False, "LayerNorm over channels inside the task input adapter")
+    whitening: str = opt("full", "task input whitening: per-channel std, or full (ZCA)",
                          choices=("channel", "full"))
+    whitening_shrinkage: float = opt(1e-3, "full whitening: covariance shrinkage towards its "
+                                           "mean eigenvalue", min=0.0, max=1.0)
     use_lora: bool = opt(True, "per-task LoRA in the coupling subnets (preset may switch off)")
     use_router: bool = opt(True, "route by Mahalanobis distance; false = oracle task id")
     use_adapter: bool = opt(True, "per-task input adapter (whitening + FiLM)")
@@ -90,9 +92,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = opt(40, "epochs per task", min=1, max=1000)
+    epochs: int = opt(20, "epochs per task", min=1, max=1000)
     batch_size: int = opt(16, "images per batch", min=1, max=1024)
-    lr: float = opt(3e-4, "peak learning rate (AdamW)", min=0.0, max=1.0)
+    lr: float = opt(1e-3, "peak learning rate (AdamW)", min=0.0, max=1.0)
     min_lr_ratio: float = opt(0.01, "cosine schedule ends at lr * min_lr_ratio", min=0.0, max=1.0)
     warmup_epochs: int = opt(2, "linear warm-up epochs for tasks after the first", min=0)
     weight_decay: float = opt(0.01, "AdamW weight decay", min=0.0)

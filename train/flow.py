@@ -256,7 +256,8 @@ class MoLEFlow(nn.Module):
         if self.cfg.use_adapter:
             adapter = TaskAdapter(self.dim, self.cfg.whitening, self.cfg.adapter_layernorm)
             if feats is not None:
-                adapter.set_statistics(*whitening_statistics(feats, self.cfg.whitening))
+                adapter.set_statistics(*whitening_statistics(feats, self.cfg.whitening,
+                                                             self.cfg.whitening_shrinkage))
             self.adapters[str(task)] = adapter
         if self.cfg.use_dia and self.cfg.dia_blocks > 0:
             self.dia[str(task)] = nn.ModuleList(
