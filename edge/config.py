@@ -78,8 +78,8 @@ class ModelConfig:
     spatial_context_kernel: int = opt(0, "depthwise kernel of the shared spatial mixer (0 = off)",
                                       min=0, max=9)
     pos_embedding: bool = opt(True, "add a fixed 2D sinusoidal positional encoding")
-    adapter_layernorm: bool = opt(False, "LayerNorm over channels inside the task input adapter")
-    whitening: str = opt("full", "task input whitening: per-channel std, or full (ZCA)",
+    adapter_layernorm: bool = opt(True, "LayerNorm over channels inside the task input adapter")
+    whitening: str = opt("channel", "task input whitening: per-channel std, or full (ZCA)",
                          choices=("channel", "full"))
     whitening_shrinkage: float = opt(1e-3, "full whitening: covariance shrinkage towards its "
                                            "mean eigenvalue", min=0.0, max=1.0)
@@ -104,7 +104,7 @@ class TrainConfig:
     tail_ratio: float = opt(0.02, "fraction of each image's patches in the tail term",
                             min=0.0, max=1.0)
     logdet_weight: float = opt(1e-4, "weight of the mean squared log-determinant", min=0.0)
-    feature_noise: float = opt(0.0, "std of Gaussian noise added to the flow input while "
+    feature_noise: float = opt(0.2, "std of Gaussian noise added to the flow input while "
                                     "training (regularises against memorising patches)", min=0.0)
     seed: int = opt(0, "random seed", min=0)
     threads: int = opt(0, "torch CPU threads (0 = all cores)", min=0, max=256)

@@ -144,3 +144,11 @@ def test_run_bundle_refuses_a_foreign_folder(tmp_path):
     from train.bundle import RunError
     with pytest.raises(RunError, match="not a run folder"):
         RunBundle.open(tmp_path)
+
+
+def test_demo_runs_end_to_end_on_a_data_folder(synthetic_root, tmp_path):
+    run = tmp_path / "demo"
+    assert main(["demo", "--data", str(synthetic_root), "--run", str(run), *CLI_SMALL]) == 0
+    with open(run / "final_results.csv") as fh:
+        classes = [r["class"] for r in csv.DictReader(fh)]
+    assert classes == ["alpha", "beta", "gamma", "mean"]
