@@ -142,7 +142,7 @@ def train_tasks(run_dir: Path, data_root: Path, tasks: list[str], config: Config
         _log_step(index, results)
         session.bundle.append_metrics([{"step": index, "trained": data.name, "class": name,
                                         **res.metrics.as_dict()} for name, res in results.items()])
-    finish(session, results, data_root)
+    finish(session, results)
     return results
 
 
@@ -153,12 +153,13 @@ def eval_run(run_dir: Path, data_root: Path | None, config: Config,
     if not session.bundle.tasks:
         raise RunError(f"run {run_dir} has no trained task yet")
     results = evaluate_all(session, data_root)
-    finish(session, results, data_root)
+    finish(session, results)
     return results
 
 
-def forgetting_by_class(bundle: RunBundle, metric: str) -> dict[str, float]:
-    """Best earlier value minus the final value of ``metric`` per class, from metrics.csv."""
+def metric_matrix(bundle: RunBundle, metric: str) -> tuple[list[int], list[str], np.ndarray]:
+    """Steps, classes and the (step, class) matrix of ``metric`` from metrics.csv (NaN: not yet
+    learned)."""
     rows = bundle.read_metrics()
     steps = sorted({int(r["step"]) for r in rows})
     classes = [t.name for t in bundle.tasks]
@@ -166,12 +167,16 @@ def forgetting_by_class(bundle: RunBundle, metric: str) -> dict[str, float]:
     for r in rows:
         if r["class"] in classes:
             matrix[steps.index(int(r["step"])), classes.index(r["class"])] = float(r[metric])
-    if len(steps) == 0:
-        return {}
-    return dict(zip(classes, forgetting(matrix).tolist()))
+    return steps, classes, matrix
 
 
-def finish(session: Session, results: dict[str, ClassResult], data_root: Path | None) -> None:
+def forgetting_by_class(bundle: RunBundle, metric: str) -> dict[str, float]:
+    """Best earlier value minus the final value of ``metric`` per class, from metrics.csv."""
+    steps, classes, matrix = metric_matrix(bundle, metric)
+    return dict(zip(classes, forgetting(matrix).tolist())) if steps else {}
+
+
+def finish(session: Session, results: dict[str, ClassResult]) -> None:
     """final_results.csv, overlays, and the per-class table in the log."""
     bundle = session.bundle
     fg_img = forgetting_by_class(bundle, "image_auroc")
@@ -187,8 +192,7 @@ def finish(session: Session, results: dict[str, ClassResult], data_root: Path | 
                  "forgetting_pixel_auroc": _nanmean(fg_pix.values())})
     bundle.write_final(rows)
     for name, res in results.items():
-        data = _class_data(session, name, data_root)
-        write_overlays(res, data, session.store, bundle.path / "overlays" / name,
+        write_overlays(res, session.store, bundle.path / "overlays" / name,
                        session.cfg.eval.overlays_per_class)
     log.info("final results (%d classes, routed):\n%s", len(results), format_table(rows))
 
@@ -208,12 +212,9 @@ def format_table(rows: list[dict]) -> str:
 
 def step_matrix(bundle: RunBundle, metric: str = "image_auroc") -> str:
     """The per-step matrix (rows: after task t, columns: classes) as text."""
-    rows = bundle.read_metrics()
-    classes = [t.name for t in bundle.tasks]
+    steps, classes, matrix = metric_matrix(bundle, metric)
     out = [f"{metric:<22}" + "".join(f"{c:>12}" for c in classes)]
-    for step in sorted({int(r["step"]) for r in rows}):
-        vals = {r["class"]: float(r[metric]) for r in rows if int(r["step"]) == step}
+    for step, row in zip(steps, matrix):
         out.append(f"after task {step:<11}" + "".join(
-            f"{vals[c]:>12.4f}" if c in vals else f"{'':>12}" for c in classes))
+            f"{'':>12}" if np.isnan(v) else f"{v:>12.4f}" for v in row))
     return "\n".join(out)
-

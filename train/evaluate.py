@@ -43,6 +43,7 @@ class ClassResult:
     labels: np.ndarray          # 0 good, 1 defective (N,)
     routed: np.ndarray          # chosen task per image (N,)
     maps: np.ndarray            # (N, S, S)
+    data: ClassData             # the test set these results are of
 
 
 def score_class(model: MoLEFlow, feats: torch.Tensor, experts: np.ndarray,
@@ -75,10 +76,10 @@ def evaluate_class(model: MoLEFlow, router: PrototypeRouter | None, store: Featu
     masks = store.masks(data)
     metrics = compute_class_metrics(labels, scores, masks, maps, routed == task,
                                     max_fpr=cfg.aupro_max_fpr)
-    return ClassResult(data.name, task, metrics, scores, labels, routed, maps)
+    return ClassResult(data.name, task, metrics, scores, labels, routed, maps, data)
 
 
-def write_overlays(result: ClassResult, data: ClassData, store: FeatureStore, folder: Path,
+def write_overlays(result: ClassResult, store: FeatureStore, folder: Path,
                    count: int) -> list[Path]:
     """Heat-map overlays of the highest-scoring defective and good images of a class."""
     if count <= 0:
@@ -90,7 +91,7 @@ def write_overlays(result: ClassResult, data: ClassData, store: FeatureStore, fo
     lo, hi = np.percentile(result.maps, 1), result.maps.max()
     written = []
     for i in bad + good:
-        item = data.test[i]
+        item = result.data.test[i]
         image = store.images_of([item.path])[0]
         heat = np.clip((result.maps[i] - lo) / max(hi - lo, 1e-6), 0, 1)
         colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)

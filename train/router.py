@@ -91,7 +91,3 @@ class PrototypeRouter:
             "distance_quantiles": np.stack([p.quantiles() for p in self.prototypes]),
         }
 
-    @classmethod
-    def from_task_arrays(cls, tasks: list[dict[str, np.ndarray]]) -> "PrototypeRouter":
-        return cls([TaskPrototype(str(t["name"]), t["mean"], t["precision"],
-                                  t["train_distances"]) for t in tasks])
