@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import yaml
 
-from edge.config import PRESETS, ConfigError, describe, load_config
+from edge.config import PRESETS, ConfigError, describe, documented_yaml, load_config
 from edge.errors import MoleflowError
 
 log = logging.getLogger("moleflow")
@@ -111,9 +111,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from engines.export import export_engine_set
+    manifest = export_engine_set(args.run, args.out)
+    print(f"engine set: {args.out / 'manifest.json'} ({len(manifest.experts)} experts: "
+          f"{', '.join(e.name for e in manifest.experts)})")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from calibration.calibrate import calibrate_engine_set, summary
+    reports = calibrate_engine_set(args.engines, _data_root(args, cfg), cfg.calibration,
+                                   force=args.force, threads=cfg.train.threads)
+    print(summary(reports))
+    print(f"calibration: {args.engines / 'calibration.json'}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from engines.tensorrt_backend import build_engine_set
+    manifest = build_engine_set(args.engines, args.precision, args.max_batch,
+                                workspace_mb=args.workspace_mb)
+    print(f"TensorRT {manifest.tensorrt['version']} {args.precision} plans for "
+          f"{manifest.tensorrt['gpu']}: {len(manifest.experts)} experts + backbone")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from engines.verify import verify_engine_set
+    checks = verify_engine_set(args.run, args.engines, Path(cfg.data.root) if cfg.data.root
+                               else None, cfg.train.threads)
+    for c in checks:
+        print(c.line())
+    worst = max(c.expert_max_rel for c in checks)
+    print(f"max relative error of the fused experts: {worst:.2e}; FP16 finite everywhere: "
+          f"{all(c.fp16_finite for c in checks)}")
+    return 0
+
+
+def cmd_bench_engines(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from engines.bench import bench_engines, format_rows
+    rows = bench_engines(args.run, args.engines, Path(cfg.data.root) if cfg.data.root else None,
+                         cfg.train.threads, rounds=args.repeat)
+    print(format_rows(rows))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    if args.defaults:
+    if args.documented:
+        print(documented_yaml(), end="")
+    elif args.defaults:
         for key, default, help_ in describe():
             print(f"{key} = {default!r}  # {help_}")
     else:
@@ -130,16 +181,35 @@ def build_parser() -> argparse.ArgumentParser:
         "eval": (cmd_eval, "evaluate every expert of a run, routed, without task ids"),
         "demo": (cmd_demo, "the main job end to end on the available data"),
         "bench": (cmd_bench, "time the training of one expert and print the figures"),
+        "export": (cmd_export, "export a run's experts (LoRA fused) to an ONNX engine set"),
+        "calibrate": (cmd_calibrate, "fit thresholds per expert on held-out normal images"),
+        "build": (cmd_build, "build TensorRT plans of an engine set on this GPU"),
+        "verify": (cmd_verify, "check an engine set against its run (parity, FP16)"),
+        "bench-engines": (cmd_bench_engines, "per-frame cost: PyTorch eager vs ONNX Runtime"),
         "config": (cmd_config, "validate a config file and print it resolved"),
     }
     for name, (fn, help_) in commands.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(fn=fn)
         _common(p)
-        if name in ("train", "eval", "demo", "bench"):
+        if name in ("train", "eval", "demo", "bench", "calibrate", "verify", "bench-engines"):
             p.add_argument("--data", type=Path, help="MVTec-layout folder (data.root)")
-        if name in ("train", "eval"):
+        if name in ("train", "eval", "export", "verify", "bench-engines"):
             p.add_argument("--run", type=Path, required=True, help="run folder")
+        if name in ("calibrate", "build", "verify", "bench-engines"):
+            p.add_argument("--engines", type=Path, required=True, help="engine-set folder")
+        if name == "export":
+            p.add_argument("--out", type=Path, required=True, help="engine-set folder to write")
+        if name == "calibrate":
+            p.add_argument("--force", action="store_true",
+                           help="refit experts whose calibration is still valid")
+        if name == "build":
+            p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+            p.add_argument("--max-batch", type=int, default=8, help="largest batch of the plans")
+            p.add_argument("--workspace-mb", type=int, default=1024,
+                           help="builder workspace limit (keep it small on Jetson)")
+        if name == "bench-engines":
+            p.add_argument("--repeat", type=int, default=3, help="timed passes over the frames")
         if name == "train":
             p.add_argument("--tasks", nargs="+", required=True, help="classes, in order")
         if name == "demo":
@@ -150,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--repeat", type=int, default=1, help="timed repetitions")
         if name == "config":
             p.add_argument("--defaults", action="store_true", help="list every option")
+            p.add_argument("--documented", action="store_true",
+                           help="print the commented default config (what config.yaml holds)")
     return parser
 
 

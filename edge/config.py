@@ -109,6 +109,9 @@ class TrainConfig:
     seed: int = opt(0, "random seed", min=0)
     threads: int = opt(0, "torch CPU threads (0 = all cores)", min=0, max=256)
     cache_features: bool = opt(True, "cache backbone features per task in <run>/cache")
+    val_fraction: float = opt(0.1, "fraction of each class's train/good images held out from "
+                                   "training, for calibration (thresholds, false-alarm rate)",
+                              min=0.0, max=0.5)
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,17 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    false_alarm_rate: float = opt(0.01, "target fraction of normal frames raised as alarms "
+                                        "(sets each expert's threshold)", min=1e-4, max=0.5)
+    unknown_rate: float = opt(0.005, "target fraction of a product's own frames reported as "
+                                     "unknown (sets each routing-distance limit)",
+                              min=1e-4, max=0.5)
+    min_images: int = opt(8, "fewest held-out normal images an expert is calibrated from",
+                          min=3)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -136,6 +150,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def resolved_model(self) -> ModelConfig:
         """The model section with its preset's switches applied."""
@@ -250,3 +265,33 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             rows.append((key, default, f.metadata.get("help", "")))
     return rows
+
+
+def documented_yaml() -> str:
+    """The default configuration as commented YAML: what ``config.yaml`` at the root holds."""
+    lines = ["# MoLE-Flow Edge configuration: every option with its default and meaning.",
+             "# Validated at start (unknown keys and bad values are reported with their key).",
+             "# Command-line flags override these keys, e.g. --epochs, --preset, "
+             "--set train.lr=1e-4.", ""]
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(hints[section.name]):
+            d = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if d is None or isinstance(d, bool):
+                value = {None: "null", True: "true", False: "false"}[d]
+            elif isinstance(d, list):
+                value = f"[{', '.join(map(str, d))}]"
+            else:
+                value = repr(d) if isinstance(d, float) else str(d)
+            m = f.metadata
+            extra = []
+            if m.get("choices"):
+                extra.append("one of: " + ", ".join(m["choices"]))
+            if m.get("min") is not None or m.get("max") is not None:
+                hi = m.get("max") if m.get("max") is not None else ""
+                extra.append(f"range: {m.get('min', '')}..{hi}")
+            comment = m["help"] + (f" ({'; '.join(extra)})" if extra else "")
+            lines.append(f"  {f.name}: {value}  # {comment}")
+        lines.append("")
+    return "\n".join(lines)

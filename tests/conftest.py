@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: a synthetic MVTec-layout data set and the real shared data."""
+"""Shared pytest fixtures: a synthetic MVTec-layout data set, the real shared data, and one
+small continual run on the real images that several test modules examine."""
 
 from __future__ import annotations
 
@@ -25,3 +26,39 @@ def shared_data() -> Path:
         pytest.skip("../shared/data/mvtec256 not found beside the project (a user's clone has no "
                     "shared data); this test needs the real MVTec images")
     return SHARED_DATA
+
+
+def subset_class(src: Path, dst: Path, name: str, n_train: int, n_good: int,
+                 n_per_defect: int) -> None:
+    """Symlink a deterministic subset of one class in MVTec layout."""
+    cls, out = src / name, dst / name
+    for img in sorted((cls / "train" / "good").glob("*.png"))[:n_train]:
+        (out / "train" / "good").mkdir(parents=True, exist_ok=True)
+        (out / "train" / "good" / img.name).symlink_to(img)
+    for defect in sorted(p for p in (cls / "test").iterdir() if p.is_dir()):
+        n = n_good if defect.name == "good" else n_per_defect
+        for img in sorted(defect.glob("*.png"))[:n]:
+            (out / "test" / defect.name).mkdir(parents=True, exist_ok=True)
+            (out / "test" / defect.name / img.name).symlink_to(img)
+            if defect.name != "good":
+                mask = cls / "ground_truth" / defect.name / f"{img.stem}_mask.png"
+                (out / "ground_truth" / defect.name).mkdir(parents=True, exist_ok=True)
+                (out / "ground_truth" / defect.name / mask.name).symlink_to(mask)
+
+
+REAL_TRAIN = 66  # train/good images per class; 20 % are held out for calibration
+
+
+@pytest.fixture(scope="session")
+def real_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """bottle then transistor on a subset of the real images, 10 epochs: (run, data, results)."""
+    from edge.config import load_config
+    from train.continual import train_tasks
+    root = tmp_path_factory.mktemp("real")
+    data = root / "data"
+    subset_class(shared_data, data, "bottle", REAL_TRAIN, 12, 6)
+    subset_class(shared_data, data, "transistor", REAL_TRAIN, 12, 5)
+    cfg = load_config(None, {"train.epochs": 10, "eval.overlays_per_class": 1,
+                             "train.val_fraction": 0.2})
+    results = train_tasks(root / "run", data, ["bottle", "transistor"], cfg, progress=False)
+    return root / "run", data, results

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge.config import Config, ConfigError, describe, load_config, parse_config
+from edge.config import (Config, ConfigError, describe, documented_yaml, load_config,
+                         parse_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +21,7 @@ def test_config_yaml_is_the_documented_default():
         section, option = key.split(".")
         assert option in raw[section], f"config.yaml does not document {key}"
         assert help_ and help_.split(";")[0][:30] in text, f"{key} has no description"
+    assert text == documented_yaml(), "regenerate: moleflow config --documented > config.yaml"
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -152,3 +152,14 @@ def test_demo_runs_end_to_end_on_a_data_folder(synthetic_root, tmp_path):
     with open(run / "final_results.csv") as fh:
         classes = [r["class"] for r in csv.DictReader(fh)]
     assert classes == ["alpha", "beta", "gamma", "mean"]
+
+
+def test_validation_split_is_seeded_disjoint_and_leaves_training_images():
+    from train.continual import validation_split
+    fit, held = validation_split(50, 0.1, seed=3)
+    assert len(held) == 5 and len(fit) == 45
+    assert not set(fit) & set(held) and set(fit) | set(held) == set(range(50))
+    again_fit, again_held = validation_split(50, 0.1, seed=3)
+    assert (held == again_held).all() and (fit == again_fit).all()
+    assert len(validation_split(50, 0.0, seed=3)[1]) == 0
+    assert len(validation_split(3, 0.5, seed=0)[0]) >= 2  # never fewer than 2 to train on

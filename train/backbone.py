@@ -19,6 +19,7 @@ from torch import nn
 
 from edge.config import BackboneConfig
 from edge.errors import MoleflowError
+from engines.imaging import preprocess
 
 
 class BackboneError(MoleflowError, RuntimeError):
@@ -160,13 +161,6 @@ def _file_digest(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
-
-
-def preprocess(images: np.ndarray, mean: tuple, std: tuple) -> np.ndarray:
-    """uint8 RGB (B, H, W, 3) -> float32 normalised (B, 3, H, W)."""
-    x = images.astype(np.float32) / 255.0
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 @torch.no_grad()

@@ -52,6 +52,7 @@ class TaskRecord:
     name: str
     data_root: str
     train_seconds: float = 0.0
+    val_images: list[str] = field(default_factory=list)  # train/good held out for calibration
 
     @property
     def stem(self) -> str:

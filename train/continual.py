@@ -55,7 +55,8 @@ def open_session(run_dir: Path, config: Config, progress: bool = True,
             log.warning("run %s keeps its stored %s settings; the given ones are ignored",
                         run_dir, ", ".join(changed))
         bundle.config = Config(data=stored.data, backbone=stored.backbone, model=stored.model,
-                               train=config.train, eval=config.eval, router=config.router)
+                               train=config.train, eval=config.eval, router=config.router,
+                               calibration=config.calibration)
     elif create:
         bundle = None
     else:
@@ -84,6 +85,17 @@ def _class_data(session: Session, name: str, data_root: Path | None) -> ClassDat
             return load_class(root, name)
     raise DataError(f"class {name!r} of run {session.bundle.path} is not found in "
                     f"{data_root or record.data_root}: pass --data with its folder")
+
+
+def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (sorted) of the images to train on and of those held out for calibration.
+
+    A seeded draw, so the same folder always gives the same split; at least two images are
+    always left to train on.
+    """
+    k = min(int(round(n * fraction)), max(0, n - 2)) if fraction > 0 else 0
+    held = np.sort(np.random.default_rng(seed).permutation(n)[:k])
+    return np.setdiff1d(np.arange(n), held), held
 
 
 def evaluate_all(session: Session, data_root: Path | None) -> dict[str, ClassResult]:
@@ -121,14 +133,18 @@ def train_tasks(run_dir: Path, data_root: Path, tasks: list[str], config: Config
     results: dict[str, ClassResult] = {}
     for data in datas:
         index = len(session.bundle.tasks)
-        feats = session.store.features(data, "train")
+        all_feats = session.store.features(data, "train")
+        fit, held = validation_split(len(all_feats), cfg.train.val_fraction, cfg.train.seed)
+        feats = all_feats[torch.from_numpy(fit)]
+        val_images = [data.train[i].relative_to(data.root).as_posix() for i in held]
         if session.model is None:
             torch.manual_seed(cfg.train.seed)
             session.model = MoLEFlow(session.bundle.dim, session.bundle.grid,
                                      cfg.resolved_model(), seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed * 1000 + index)
         session.model.add_task(index, feats)
-        log.info("task %d: %s, %d training images", index, data.name, len(feats))
+        log.info("task %d: %s, %d training images (%d held out for calibration)", index,
+                 data.name, len(feats), len(held))
         report: TrainReport = train_task(session.model, index, feats, cfg.train,
                                          cfg.resolved_model(), progress)
         log.info("task %d: trained %d parameters in %.1f s (%d epochs, final loss %.3f)", index,
@@ -137,7 +153,8 @@ def train_tasks(run_dir: Path, data_root: Path, tasks: list[str], config: Config
                               fixed_shrinkage=cfg.router.fixed_shrinkage, ridge=cfg.router.ridge)
         session.router.add(proto)
         session.bundle.save_task(session.model, TaskRecord(index, data.name, str(data_root),
-                                                           round(report.seconds, 2)), proto)
+                                                           round(report.seconds, 2), val_images),
+                                  proto)
         results = evaluate_all(session, data_root)
         _log_step(index, results)
         session.bundle.append_metrics([{"step": index, "trained": data.name, "class": name,

@@ -10,28 +10,13 @@ import numpy as np
 import torch
 
 from edge.config import EvalConfig
+from engines.imaging import anomaly_maps, image_scores
 from train.data import ClassData
 from train.features import FeatureStore, pooled
 from train.flow import MoLEFlow
 from train.metrics import ClassMetrics, compute_class_metrics
 from train.router import PrototypeRouter
 from train.trainer import patch_scores
-
-
-def image_scores(patch_nll: np.ndarray, top_k: int) -> np.ndarray:
-    """Image score: mean of the top-k patch scores on the feature grid (N,)."""
-    flat = patch_nll.reshape(len(patch_nll), -1)
-    k = min(top_k, flat.shape[1])
-    return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
-
-
-def anomaly_maps(patch_nll: np.ndarray, size: int, sigma: float) -> np.ndarray:
-    """Patch NLL grids (N, h, w) -> bilinearly upsampled, Gaussian-smoothed maps (N, size, size)."""
-    out = np.empty((len(patch_nll), size, size), dtype=np.float32)
-    for i, grid in enumerate(patch_nll.astype(np.float32)):
-        up = cv2.resize(grid, (size, size), interpolation=cv2.INTER_LINEAR)
-        out[i] = cv2.GaussianBlur(up, (0, 0), sigma) if sigma > 0 else up
-    return out
 
 
 @dataclass

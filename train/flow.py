@@ -128,8 +128,8 @@ class ContextSubnet(nn.Module):
         self.t2 = LoRALinear(hidden, c_out - c_out // 2, **lora)
 
     def context(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w = self.state.grid
-        grid = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        _, h, w = self.state.grid
+        grid = x.reshape(-1, h, w, x.shape[-1]).permute(0, 3, 1, 2)  # batch left free for export
         ctx = self.ctx_conv(grid).permute(0, 2, 3, 1).reshape(x.shape)
         return 0.2 * torch.sigmoid(self.ctx_theta) * ctx
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engines.imaging import mahalanobis
+
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -36,8 +38,7 @@ class TaskPrototype:
     train_distances: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def distance(self, x: np.ndarray) -> np.ndarray:
-        diff = x - self.mean
-        return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", diff, self.precision, diff), 0.0))
+        return mahalanobis(x, self.mean, self.precision)
 
     def quantiles(self) -> np.ndarray:
         return np.quantile(self.train_distances, QUANTILES)

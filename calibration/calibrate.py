@@ -1,0 +1,134 @@
+"""``moleflow calibrate``: fit each expert's thresholds on its held-out normal images.
+
+The images are the ones training held out (``train.val_fraction``), listed per expert in the
+manifest and read from ``<data>/<expert>/``. Each is scored by its own expert (no routing, so
+the threshold describes the expert, not the router), together with its routing distance to its
+own prototype. An expert whose graph is unchanged keeps its calibration unless ``force``.
+
+Where the class folder also has ``test/good`` (normal images neither trained on nor used here),
+the measured false-alarm rate on them is reported next to the target, with the defect images'
+detection rate. Needs no torch (the MVTec reader in ``train.data`` is numpy/OpenCV only).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from calibration.thresholds import (CALIBRATION, Calibration, CalibrationError, ExpertCalibration,
+                                    binomial_interval, fit_expert)
+from edge.config import CalibrationConfig
+from engines.manifest import FileRef, Manifest
+from engines.pipeline import EngineSet, Pipeline
+from train.data import DataError, load_class, load_images
+
+log = logging.getLogger("moleflow.calibrate")
+
+
+@dataclass
+class ExpertReport:
+    name: str
+    calibration: ExpertCalibration
+    refitted: bool
+    test_good: int = 0
+    false_alarms: int = 0
+    test_defective: int = 0
+    detected: int = 0
+
+    def line(self) -> str:
+        c = self.calibration
+        text = (f"{self.name:<14} held-out {c.n_images:>3}  threshold {c.threshold:10.3f}  "
+                f"map {c.map_threshold:10.3f}  distance limit {c.distance_limit:8.2f}")
+        if self.test_good:
+            lo, hi = binomial_interval(self.false_alarms, self.test_good)
+            text += (f"  | test/good false alarms {self.false_alarms}/{self.test_good} "
+                     f"= {self.false_alarms / self.test_good:6.1%} (95% CI {lo:.1%}–{hi:.1%}, "
+                     f"target {c.false_alarm_rate:.1%})")
+        if self.test_defective:
+            text += f"  detected {self.detected}/{self.test_defective}"
+        return text
+
+
+def score_images(pipe: Pipeline, expert: str, images: np.ndarray, batch: int = 16
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image scores, anomaly-map maxima and routing distances of ``images`` under ``expert``."""
+    scores, maxima, dists = [], [], []
+    for i in range(0, len(images), batch):
+        frames = pipe.score(images[i:i + batch], hints=[expert] * len(images[i:i + batch]))
+        scores += [f.raw_score for f in frames]
+        maxima += [float(f.map.max()) for f in frames]
+        dists += [f.distance for f in frames]
+    return np.asarray(scores), np.asarray(maxima), np.asarray(dists)
+
+
+def calibrate_engine_set(root: Path, data_root: Path, cfg: CalibrationConfig,
+                         force: bool = False, threads: int = 0) -> list[ExpertReport]:
+    """Fit (or keep) every expert's calibration; write calibration.json and the manifest."""
+    root = Path(root)
+    engines = EngineSet.open(root, threads=threads)
+    pipe = Pipeline(engines, with_maps=True)
+    manifest: Manifest = engines.manifest
+    path = root / CALIBRATION
+    table = Calibration.load(path)
+    size = engines.size
+    reports = []
+    for entry in manifest.experts:
+        sha = entry.files["onnx"].sha256
+        old = table.for_expert(entry.name, sha)
+        cls_dir = Path(data_root) / entry.name
+        refit = force or old is None or old.false_alarm_rate != cfg.false_alarm_rate \
+            or old.unknown_rate != cfg.unknown_rate
+        if refit:
+            if len(entry.calibration_images) < cfg.min_images:
+                raise CalibrationError(
+                    f"expert {entry.name!r} has {len(entry.calibration_images)} held-out normal "
+                    f"images, calibration needs {cfg.min_images}: train with "
+                    "train.val_fraction > 0 (default 0.1) or lower calibration.min_images")
+            paths = [cls_dir / rel for rel in entry.calibration_images]
+            missing = [p for p in paths if not p.is_file()]
+            if missing:
+                raise DataError(f"held-out image {missing[0]} of expert {entry.name!r} is "
+                                f"missing: pass --data with the folder the run was trained on")
+            scores, maxima, dists = score_images(pipe, entry.name, load_images(paths, size))
+            table.experts[entry.name] = fit_expert(scores, maxima, dists, cfg.false_alarm_rate,
+                                                   cfg.unknown_rate, sha)
+        report = ExpertReport(entry.name, table.experts[entry.name], refit)
+        _check_on_test(pipe, report, cls_dir, size)
+        reports.append(report)
+        log.info("%s", report.line())
+    table.save(path)
+    manifest.calibration = FileRef.of(root, path)
+    manifest.save(root)
+    return reports
+
+
+def _check_on_test(pipe: Pipeline, report: ExpertReport, cls_dir: Path, size: int) -> None:
+    """False alarms on test/good and detections on the defect images, when the class has them."""
+    if not (cls_dir / "test").is_dir():
+        return
+    data = load_class(cls_dir.parent, cls_dir.name)
+    good = [t.path for t in data.test if t.label == 0]
+    bad = [t.path for t in data.test if t.label == 1]
+    threshold = report.calibration.threshold
+    if good:
+        scores, _, _ = score_images(pipe, report.name, load_images(good, size))
+        report.test_good, report.false_alarms = len(good), int((scores > threshold).sum())
+    if bad:
+        scores, _, _ = score_images(pipe, report.name, load_images(bad, size))
+        report.test_defective, report.detected = len(bad), int((scores > threshold).sum())
+
+
+def summary(reports: list[ExpertReport]) -> str:
+    """Per-expert lines plus the pooled false-alarm rate on test/good."""
+    lines = [r.line() for r in reports]
+    n = sum(r.test_good for r in reports)
+    if n:
+        k = sum(r.false_alarms for r in reports)
+        lo, hi = binomial_interval(k, n)
+        target = reports[0].calibration.false_alarm_rate
+        lines.append(f"pooled test/good false-alarm rate {k}/{n} = {k / n:.2%} (95% CI "
+                     f"{lo:.1%}–{hi:.1%}), target {target:.1%}")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""Calibrated decisions per expert: thresholds, score normalisation, "unknown product" limits.
+
+Fitted on held-out normal images (train/good images the expert never trained on). A threshold
+for a target false-alarm rate ``far`` is the larger of the empirical ``1 - far`` quantile and a
+normal fit's prediction bound: with a few dozen images the empirical quantile alone sits on the
+largest sample and the fit extrapolates the tail, and taking the larger errs towards fewer
+false alarms. Raw scores map to [0, 1] by a logistic centred on the threshold (0.5 there), with
+the held-out scores' spread as its scale. numpy and the standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from edge.errors import MoleflowError
+
+CALIBRATION = "calibration.json"
+FORMAT = 1
+
+
+class CalibrationError(MoleflowError, RuntimeError):
+    """Calibration cannot be fitted, read, or does not belong to this engine set."""
+
+
+def student_t_quantile(p: float, dof: int) -> float:
+    """Quantile of Student's t (Cornish–Fisher series in 1/dof; ~1e-3 accurate from dof 4)."""
+    z = NormalDist().inv_cdf(p)
+    v = float(dof)
+    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
+
+
+def tail_threshold(values: np.ndarray, rate: float) -> float:
+    """Value exceeded by a fraction ``rate`` of samples like ``values`` (see module docstring).
+
+    The normal fit uses the prediction bound ``mean + t·s·sqrt(1 + 1/n)``, which accounts for
+    the mean and spread being estimated from the same few samples; the plain ``mean + z·s``
+    would give about twice the target rate from twenty images.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2 or not np.all(np.isfinite(v)):
+        raise CalibrationError(f"need at least 2 finite values to fit a threshold, got {v!r}")
+    n = len(v)
+    bound = v.mean() + student_t_quantile(1.0 - rate, n - 1) * v.std(ddof=1) * np.sqrt(1 + 1 / n)
+    return float(max(np.quantile(v, 1.0 - rate), bound))
+
+
+@dataclass
+class ExpertCalibration:
+    """One expert's decision rule, fitted on ``n_images`` held-out normal images."""
+    threshold: float            # raw image score at the target false-alarm rate
+    scale: float                # logistic scale of the [0, 1] normalisation
+    map_threshold: float        # anomaly-map value marking anomalous pixels (alarm regions)
+    distance_limit: float       # routing distance above which a frame is "unknown"
+    n_images: int
+    false_alarm_rate: float
+    unknown_rate: float
+    expert_sha256: str          # the expert graph these scores came from
+    held_out_scores: list[float] = field(default_factory=list)
+
+    def normalise(self, raw: np.ndarray | float) -> np.ndarray:
+        """Raw image scores -> [0, 1], exactly 0.5 at the threshold."""
+        z = (np.asarray(raw, dtype=np.float64) - self.threshold) / self.scale
+        return 0.5 * (1.0 + np.tanh(0.5 * np.clip(z, -80, 80)))  # logistic, overflow-free
+
+    def is_anomalous(self, raw: np.ndarray | float) -> np.ndarray:
+        return np.asarray(raw) > self.threshold
+
+
+def fit_expert(scores: np.ndarray, map_maxima: np.ndarray, distances: np.ndarray, far: float,
+               unknown_rate: float, expert_sha256: str) -> ExpertCalibration:
+    """Fit one expert from its held-out normals' image scores, map maxima and routing distances."""
+    scores = np.asarray(scores, dtype=np.float64)
+    threshold = tail_threshold(scores, far)
+    spread = float(scores.std(ddof=1)) if len(scores) > 1 else 1.0
+    return ExpertCalibration(
+        threshold=threshold, scale=max(spread, 1e-6 * max(1.0, abs(threshold))),
+        map_threshold=tail_threshold(map_maxima, far),
+        distance_limit=tail_threshold(distances, unknown_rate), n_images=len(scores),
+        false_alarm_rate=far, unknown_rate=unknown_rate, expert_sha256=expert_sha256,
+        held_out_scores=[round(float(s), 6) for s in scores])
+
+
+@dataclass
+class Calibration:
+    """``calibration.json``: every calibrated expert of an engine set, by name."""
+    experts: dict[str, ExpertCalibration] = field(default_factory=dict)
+    format: int = FORMAT
+
+    def save(self, path: Path) -> None:
+        data: dict[str, Any] = {"format": self.format,
+                                "experts": {k: asdict(v) for k, v in sorted(self.experts.items())}}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Calibration":
+        if not path.is_file():
+            return cls()
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != FORMAT:
+                raise CalibrationError(f"{path}: calibration format {raw.get('format')!r} is not "
+                                       f"supported (this version reads {FORMAT})")
+            return cls({k: ExpertCalibration(**v) for k, v in raw["experts"].items()})
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CalibrationError(f"{path}: malformed calibration file ({exc!r})") from exc
+
+    def for_expert(self, name: str, expert_sha256: str) -> ExpertCalibration | None:
+        """The expert's calibration if it was fitted on this very expert graph, else None."""
+        cal = self.experts.get(name)
+        return cal if cal is not None and cal.expert_sha256 == expert_sha256 else None
+
+
+def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a rate k/n (for reporting measured false-alarm rates)."""
+    if n == 0:
+        return 0.0, 1.0
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

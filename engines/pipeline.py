@@ -1,0 +1,187 @@
+"""An engine set loaded for scoring: backbone -> router -> one expert -> score, map, decision.
+
+``EngineSet.open`` verifies the manifest's hashes and loads every graph with the chosen back
+end; ``Pipeline.score`` takes uint8 RGB frames at the set's input size and returns one
+``FrameScore`` per frame, with the time spent in each stage. Each frame costs one backbone
+pass, a Mahalanobis distance per expert (a few microseconds) and one expert pass, whatever the
+number of experts. numpy, OpenCV and the runtime back end only: no torch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calibration.thresholds import CALIBRATION, Calibration, ExpertCalibration
+from engines.imaging import anomaly_maps, image_scores, mahalanobis, preprocess
+from engines.manifest import EngineSetError, Manifest, verified
+from engines.runtime import BACKENDS, Graph, file_key
+
+
+@dataclass
+class RuntimeRouter:
+    """The prototype router from ``router.npz``: nearest task by Mahalanobis distance."""
+    names: list[str]
+    means: np.ndarray           # (T, D)
+    precisions: np.ndarray      # (T, D, D)
+
+    @classmethod
+    def load(cls, path: Path) -> "RuntimeRouter":
+        with np.load(path, allow_pickle=False) as z:
+            return cls([str(n) for n in z["names"]], z["means"].astype(np.float64),
+                       z["precisions"].astype(np.float64))
+
+    def distances(self, pooled: np.ndarray) -> np.ndarray:
+        """(N, T) distance of each frame's pooled feature to each task."""
+        return np.stack([mahalanobis(pooled, m, p) for m, p in zip(self.means, self.precisions)],
+                        axis=1)
+
+
+@dataclass
+class EngineSet:
+    root: Path
+    manifest: Manifest
+    backbone: Graph
+    experts: dict[str, Graph]
+    router: RuntimeRouter
+    calibration: dict[str, ExpertCalibration]     # only experts calibrated on these very files
+    backend: str
+    precision: str
+
+    @classmethod
+    def open(cls, root: Path, backend: str = "onnxruntime", precision: str = "fp32",
+             threads: int = 0, experts: list[str] | None = None) -> "EngineSet":
+        """Load (a subset of) the engine set at ``root``, verifying every file's sha256."""
+        root = Path(root)
+        manifest = Manifest.load(root)
+        key = file_key(backend, precision)
+        if backend == "tensorrt":
+            from engines.tensorrt_backend import check_compatible
+            check_compatible(manifest.tensorrt)
+        load = BACKENDS[backend]
+
+        def graph(files: dict, what: str) -> Graph:
+            if key not in files:
+                hint = ("build it with 'moleflow build'" if key.startswith("plan")
+                        else "re-export the engine set")
+                raise EngineSetError(f"{what} has no {key} file in {root}: {hint}")
+            return load(verified(root, files[key]), threads=threads)
+
+        entries = manifest.experts if experts is None else [manifest.expert(n) for n in experts]
+        loaded = {e.name: graph(e.files, f"expert {e.name!r}") for e in entries}
+        router = RuntimeRouter.load(verified(root, manifest.router))
+        if router.names != [e.name for e in manifest.experts]:
+            raise EngineSetError(f"{root}: router.npz lists {router.names}, the manifest "
+                                 f"{[e.name for e in manifest.experts]}")
+        calib: dict[str, ExpertCalibration] = {}
+        if manifest.calibration is not None:
+            table = Calibration.load(verified(root, manifest.calibration))
+            for e in entries:
+                cal = table.for_expert(e.name, e.files["onnx"].sha256)
+                if cal is not None:
+                    calib[e.name] = cal
+        backbone = graph(manifest.backbone["files"], "backbone")
+        return cls(root, manifest, backbone, loaded, router, calib, backend, precision)
+
+    @property
+    def size(self) -> int:
+        return int(self.manifest.input["size"])
+
+    def expert_names(self) -> list[str]:
+        return list(self.experts)
+
+
+@dataclass
+class FrameScore:
+    """Everything the pipeline knows about one frame."""
+    expert: str                 # the expert that scored it (nearest prototype, or the hint)
+    distance: float             # routing distance to that expert
+    raw_score: float            # image score: mean of the top-k patch NLLs
+    score: float | None         # calibrated score in [0, 1] (None: expert not calibrated)
+    anomalous: bool | None      # decision (None: expert not calibrated)
+    unknown: bool               # distance over the expert's limit: no expert claims the frame
+    patch_nll: np.ndarray       # (h, w) grid
+    map: np.ndarray | None      # (S, S) smoothed anomaly map (when asked for)
+    timings: dict[str, float] = field(default_factory=dict)   # seconds per stage (batch share)
+
+
+class Pipeline:
+    """Scores frames with an ``EngineSet``; see the module docstring."""
+
+    def __init__(self, engines: EngineSet, with_maps: bool = True) -> None:
+        self.engines = engines
+        m = engines.manifest
+        self.mean, self.std = tuple(m.input["mean"]), tuple(m.input["std"])
+        self.top_k = int(m.scoring["top_k"])
+        self.sigma = float(m.scoring["smoothing_sigma"])
+        self.with_maps = with_maps
+        self.index = {name: i for i, name in enumerate(engines.router.names)}
+
+    def features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 RGB (N, S, S, 3) -> patch features (N, D, h, w) and pooled features (N, D)."""
+        size = self.engines.size
+        if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8 (N, {size}, {size}, 3), got "
+                             f"{images.dtype} {images.shape}")
+        out = self.engines.backbone(preprocess(images, self.mean, self.std))
+        return out["features"], out["pooled"]
+
+    def route(self, pooled: np.ndarray, hints: list[str | None] | None = None
+              ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Expert per frame (the nearest loaded one, or the hint), its distance, and whether
+        that distance exceeds the expert's calibrated limit ("unknown product")."""
+        dist = self.engines.router.distances(pooled)
+        names = self.engines.router.names
+        chosen: list[str] = []
+        picked = np.empty(len(pooled))
+        unknown = np.zeros(len(pooled), dtype=bool)
+        for i in range(len(pooled)):
+            hint = hints[i] if hints else None
+            if hint is not None and hint not in self.engines.experts:
+                raise EngineSetError(f"product hint {hint!r} is not an expert of this engine set "
+                                     f"({', '.join(self.engines.experts)})")
+            j = self.index[hint] if hint is not None else self._nearest_loaded(dist[i])
+            picked[i] = dist[i, j]
+            cal = self.engines.calibration.get(names[j])
+            unknown[i] = hint is None and cal is not None and dist[i, j] > cal.distance_limit
+            chosen.append(names[j])
+        return chosen, picked, unknown
+
+    def _nearest_loaded(self, row: np.ndarray) -> int:
+        order = np.argsort(row)
+        return next(int(j) for j in order if self.engines.router.names[j] in self.engines.experts)
+
+    def expert_nll(self, name: str, features: np.ndarray) -> np.ndarray:
+        return self.engines.experts[name](features)["patch_nll"]
+
+    def score(self, images: np.ndarray, hints: list[str | None] | None = None) -> list[FrameScore]:
+        """Score a batch of frames end to end (frames of one expert share one expert call)."""
+        t0 = time.perf_counter()
+        feats, pooled = self.features(images)
+        t1 = time.perf_counter()
+        chosen, dist, unknown = self.route(pooled, hints)
+        t2 = time.perf_counter()
+        grids = np.zeros((len(images),) + feats.shape[2:], dtype=np.float32)
+        for name in sorted(set(chosen)):
+            sel = np.asarray([c == name for c in chosen])
+            grids[sel] = self.expert_nll(name, np.ascontiguousarray(feats[sel]))
+        t3 = time.perf_counter()
+        raw = image_scores(grids, self.top_k)
+        maps = anomaly_maps(grids, self.engines.size, self.sigma) if self.with_maps else None
+        t4 = time.perf_counter()
+        n = len(images)
+        timings = {"backbone": (t1 - t0) / n, "router": (t2 - t1) / n, "expert": (t3 - t2) / n,
+                   "postprocess": (t4 - t3) / n}
+        out = []
+        for i, name in enumerate(chosen):
+            cal = self.engines.calibration.get(name)
+            out.append(FrameScore(
+                expert=name, distance=float(dist[i]), raw_score=float(raw[i]),
+                score=float(cal.normalise(raw[i])) if cal else None,
+                anomalous=bool(cal.is_anomalous(raw[i])) if cal else None,
+                unknown=bool(unknown[i]), patch_nll=grids[i],
+                map=maps[i] if maps is not None else None, timings=dict(timings)))
+        return out

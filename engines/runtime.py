@@ -1,0 +1,86 @@
+"""Runtime back ends behind one small interface: a ``Graph`` maps one input array to named outputs.
+
+``onnxruntime`` is the embedded default (CPU, or its CUDA / TensorRT execution providers when
+installed); ``tensorrt`` runs plans built by ``moleflow build`` (imported lazily: only that back
+end needs tensorrt and pycuda). No torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from engines.manifest import EngineSetError
+
+log = logging.getLogger("moleflow.runtime")
+
+
+class Graph(Protocol):
+    """One loaded engine: ``graph(x)`` returns its outputs by name (float32 numpy arrays)."""
+    input_name: str
+    output_names: list[str]
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+class OrtGraph:
+    """An ONNX graph in an ONNX Runtime session."""
+
+    def __init__(self, path: Path, threads: int = 0, providers: list[str] | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise EngineSetError("the onnxruntime back end needs the package 'onnxruntime' "
+                                 "(pip install '.[edge]')") from exc
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # constant-folding notes on FP16 graphs are not problems
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        available = ort.get_available_providers()
+        chosen = [p for p in (providers or default_providers(available)) if p in available]
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineSetError(f"onnxruntime cannot load {path}: {exc}") from exc
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.providers = self.session.get_providers()
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.output_names, {self.input_name: x})
+        return dict(zip(self.output_names, outs))
+
+
+def default_providers(available: list[str]) -> list[str]:
+    """CUDA when this onnxruntime build has it, always with the CPU as the fallback."""
+    return [p for p in ("CUDAExecutionProvider",) if p in available] + ["CPUExecutionProvider"]
+
+
+def _tensorrt_graph(path: Path, threads: int = 0, providers: list[str] | None = None) -> Graph:
+    from engines.tensorrt_backend import TrtGraph  # lazy: needs tensorrt and pycuda
+    return TrtGraph(path)
+
+
+BACKENDS: dict[str, Callable[..., Graph]] = {
+    "onnxruntime": OrtGraph,
+    "tensorrt": _tensorrt_graph,
+}
+"""Runtime back ends by name; each loads one engine file into a ``Graph``."""
+
+FILE_KEYS = {("onnxruntime", "fp32"): "onnx", ("onnxruntime", "fp16"): "onnx_fp16",
+             ("tensorrt", "fp16"): "plan_fp16", ("tensorrt", "fp32"): "plan_fp32"}
+"""Which manifest file of an expert each back end and precision runs."""
+
+
+def file_key(backend: str, precision: str) -> str:
+    if backend not in BACKENDS:
+        raise EngineSetError(f"unknown runtime back end {backend!r} (known: {', '.join(BACKENDS)})")
+    key = FILE_KEYS.get((backend, precision))
+    if key is None:
+        raise EngineSetError(f"back end {backend!r} has no precision {precision!r}")
+    return key

@@ -1,0 +1,132 @@
+"""``moleflow verify``: the exported engine set against the PyTorch run it came from.
+
+Per class of the run, on its test images (normal and defective):
+  * expert parity: the fused ONNX expert vs the PyTorch model with LoRA, on the same features;
+  * end-to-end parity: ONNX backbone + router + expert vs the PyTorch pipeline (image and pixel
+    AUROC, routing);
+  * FP16: the FP16 graphs (what TensorRT builds from): the backbone in ONNX Runtime, the experts
+    in onnx's reference evaluator, which keeps every tensor in FP16 as declared (ONNX Runtime on
+    a CPU silently computes FP16 ops in FP32 and would hide an overflow): no inf/nan, and AUROC
+    next to FP32.
+Relative errors are ``|onnx - torch| / max(|torch|, 1)`` per patch NLL (nats; the floor keeps
+patches with an NLL near zero from dividing by ~0).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from engines.fp16 import reference_evaluator
+from engines.imaging import anomaly_maps, image_scores
+from engines.manifest import verified
+from engines.pipeline import EngineSet, Pipeline
+from train.bundle import RunBundle
+from train.continual import open_session
+from train.data import load_class
+from train.evaluate import evaluate_class
+from train.metrics import auroc
+from train.trainer import patch_scores
+
+log = logging.getLogger("moleflow.verify")
+
+
+@dataclass
+class ClassCheck:
+    name: str
+    images: int
+    expert_max_rel: float        # fused ONNX expert vs PyTorch, same features
+    e2e_max_rel: float           # whole ONNX pipeline vs PyTorch, patch NLL
+    torch_image_auroc: float
+    torch_pixel_auroc: float
+    onnx_image_auroc: float
+    onnx_pixel_auroc: float
+    onnx_routing: float
+    fp16_image_auroc: float
+    fp16_pixel_auroc: float
+    fp16_finite: bool
+    fp16_max_abs: float          # largest patch NLL seen in FP16 (overflow would be inf)
+
+    def line(self) -> str:
+        return (f"{self.name:<12} n={self.images:<4} expert rel {self.expert_max_rel:.2e}  "
+                f"e2e rel {self.e2e_max_rel:.2e} | image AUROC torch {self.torch_image_auroc:.4f} "
+                f"onnx {self.onnx_image_auroc:.4f} fp16 {self.fp16_image_auroc:.4f} | pixel "
+                f"torch {self.torch_pixel_auroc:.4f} onnx {self.onnx_pixel_auroc:.4f} fp16 "
+                f"{self.fp16_pixel_auroc:.4f} | routing {self.onnx_routing:.3f} | fp16 finite "
+                f"{self.fp16_finite} (max NLL {self.fp16_max_abs:.0f})")
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1.0)))
+
+
+def verify_engine_set(run_dir: Path, engines_dir: Path, data_root: Path | None,
+                      threads: int = 0) -> list[ClassCheck]:
+    bundle = RunBundle.open(run_dir)
+    session = open_session(run_dir, bundle.config, progress=False, create=False)
+    fp32 = Pipeline(EngineSet.open(engines_dir, threads=threads), with_maps=True)
+    fp16 = Pipeline(EngineSet.open(engines_dir, precision="fp16", threads=threads),
+                    with_maps=True)
+    experts16 = {e.name: reference_evaluator(onnx.load(verified(engines_dir, e.files["onnx_fp16"])))
+                 for e in fp16.engines.manifest.experts}
+    size = session.store.image_size
+    checks = []
+    for record in bundle.tasks:
+        root = data_root if data_root and (data_root / record.name).is_dir() else \
+            Path(record.data_root)
+        data = load_class(root, record.name)
+        ref = evaluate_class(session.model, session.router, session.store, data, record.index,
+                             session.cfg.eval)
+        feats = session.store.features(data, "test")
+        torch_nll = patch_scores(session.model, feats, record.index,
+                                 session.cfg.eval.batch_size).numpy()
+        onnx_nll = np.concatenate([fp32.expert_nll(record.name, feats[i:i + 16].numpy())
+                                   for i in range(0, len(feats), 16)])
+        images = session.store.images_of([t.path for t in data.test])
+        masks = session.store.masks(data)
+        labels = np.asarray([t.label for t in data.test])
+        e2e, routed = _pipeline_nll(fp32, images)
+        half, _ = _pipeline_nll(fp16, images, experts16)
+        same = routed == record.name
+        checks.append(ClassCheck(
+            name=record.name, images=len(images), expert_max_rel=_rel(onnx_nll, torch_nll),
+            e2e_max_rel=_rel(e2e[same], torch_nll[same]) if same.any() else float("nan"),
+            torch_image_auroc=ref.metrics.image_auroc, torch_pixel_auroc=ref.metrics.pixel_auroc,
+            onnx_image_auroc=auroc(labels, image_scores(e2e, fp32.top_k)),
+            onnx_pixel_auroc=_pixel_auroc(masks, anomaly_maps(e2e, size, fp32.sigma)),
+            onnx_routing=float(same.mean()),
+            fp16_image_auroc=auroc(labels, image_scores(half, fp16.top_k)),
+            fp16_pixel_auroc=_pixel_auroc(masks, anomaly_maps(half, size, fp16.sigma)),
+            fp16_finite=bool(np.isfinite(half).all()), fp16_max_abs=float(np.abs(half).max())))
+        log.info("%s", checks[-1].line())
+    return checks
+
+
+def _pipeline_nll(pipe: Pipeline, images: np.ndarray, experts16: dict | None = None,
+                  batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Routed patch-NLL grids and the chosen expert of every image, through the engine set;
+    with ``experts16`` the experts run in the FP16 reference evaluator instead."""
+    grids, routed = [], []
+    for i in range(0, len(images), batch):
+        chunk = images[i:i + batch]
+        if experts16 is None:
+            frames = pipe.score(chunk)
+            grids += [f.patch_nll for f in frames]
+            routed += [f.expert for f in frames]
+            continue
+        feats, pooled = pipe.features(chunk)
+        names = np.asarray(pipe.route(pooled)[0])
+        out = np.zeros((len(chunk),) + feats.shape[2:], dtype=np.float32)
+        for name in set(names):
+            out[names == name] = experts16[name].run(None, {"features": feats[names == name]})[0]
+        grids += list(out)
+        routed += list(names)
+    return np.stack(grids), np.asarray(routed)
+
+
+def _pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
+    return auroc(masks.reshape(-1), maps.reshape(-1))

@@ -1,0 +1,226 @@
+"""Engine sets: fused export, determinism, manifest hashes, FP16 graphs, torch-free loading.
+
+A small run on the synthetic set checks the mechanics; parity and FP16 accuracy on real
+images are in test_engines_real.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edge.cli import main
+from edge.config import load_config
+from engines.export import export_engine_set
+from engines.fp16 import convert_to_fp16, fp32_nodes, reference_evaluator
+from engines.fuse import FusedExpert
+from engines.manifest import EngineSetError, Manifest, sha256_of
+from engines.pipeline import EngineSet, Pipeline
+from engines.runtime import OrtGraph
+from train.bundle import RunBundle
+from train.continual import train_tasks
+from train.data import load_class, load_images
+from train.flow import MoLEFlow
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"train.epochs": 2, "data.image_size": 64, "model.coupling_blocks": 2,
+         "model.lora_rank": 8, "eval.overlays_per_class": 0, "train.val_fraction": 0.34}
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*.onnx"))}
+
+
+@pytest.fixture(scope="module")
+def engine_run(synthetic_root, tmp_path_factory):
+    """Run with alpha, exported; then beta added and exported again into the same folder."""
+    base = tmp_path_factory.mktemp("engines")
+    run, out = base / "run", base / "engines"
+    cfg = load_config(None, SMALL)
+    train_tasks(run, synthetic_root, ["alpha"], cfg, progress=False)
+    export_engine_set(run, out)
+    first = _digests(out)
+    train_tasks(run, synthetic_root, ["beta"], cfg, progress=False)
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 0
+    return run, out, first
+
+
+def test_manifest_describes_every_file_with_its_hash(engine_run):
+    run, out, _ = engine_run
+    m = Manifest.load(out)
+    assert [e.name for e in m.experts] == ["alpha", "beta"]
+    assert [e.task for e in m.experts] == [0, 1]
+    assert m.input["size"] == 64 and m.input["mean"] == [0.5, 0.5, 0.5]
+    assert m.features["dim"] == 152 and m.features["grid"] == [8, 8]
+    refs = [*m.backbone["files"].values(), m.router,
+            *(ref for e in m.experts for ref in e.files.values())]
+    assert len(refs) == 2 + 1 + 4
+    for ref in refs:
+        assert sha256_of(out / ref.path) == ref.sha256
+    assert all(len(e.calibration_images) == 8 for e in m.experts)
+    assert {"torch", "onnx", "onnxruntime", "opset"} <= set(m.software)
+
+
+def test_adding_an_expert_leaves_earlier_files_byte_identical(engine_run):
+    _, out, first = engine_run
+    now = _digests(out)
+    assert set(first) < set(now)  # beta's two graphs are new
+    for name, digest in first.items():
+        assert now[name] == digest, f"{name} changed after adding an expert"
+
+
+def test_expert_graph_is_a_plain_flow_with_lora_fused(engine_run):
+    run, out, _ = engine_run
+    m = Manifest.load(out)
+    graph = onnx.load(out / m.expert("beta").files["onnx"].path)
+    names = [t.name for t in graph.graph.initializer]
+    assert not [n for n in names if "lora" in n or "task_bias" in n]
+    gemms = [n for n in graph.graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert len(gemms) == 2 * 4 + 2 * 6  # 4 linears per coupling subnet, 6 per DIA block
+    assert [i.name for i in graph.graph.input] == ["features"]
+    assert [o.name for o in graph.graph.output] == ["patch_nll"]
+    batch = graph.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param, "batch dimension is dynamic"
+
+
+def test_fused_linear_is_w_plus_scaled_ba(engine_run):
+    run, *_ = engine_run
+    model = RunBundle.open(run).load_model()
+    lin = model.blocks[0].subnet.s1
+    with torch.no_grad():
+        lin.lora_B["1"].normal_()  # a non-trivial adapter
+        fused = FusedExpert(model, 1).flow.blocks[0].subnet.s1.linear
+        expect = lin.base.weight + (8 ** -1 * 1.0) * lin.lora_B["1"] @ lin.lora_A["1"]  # a/r
+    torch.testing.assert_close(fused.weight, expect, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fused.bias, lin.base.bias + lin.task_bias["1"], rtol=0, atol=0)
+
+
+def test_onnx_experts_match_pytorch(engine_run):
+    run, out, _ = engine_run
+    bundle = RunBundle.open(run)
+    model = bundle.load_model()
+    engines = EngineSet.open(out)
+    for record in bundle.tasks:
+        feats = torch.randn(5, bundle.dim, *bundle.grid) * 2
+        ref, _ = model.patch_nll(feats, record.index)
+        with torch.no_grad():
+            fused = FusedExpert(model, record.index)(feats)
+        onnx_out = engines.experts[record.name](feats.numpy())["patch_nll"]
+        scale = ref.abs().clamp_min(1.0)
+        assert float(((fused - ref).abs() / scale).max()) <= 1e-5
+        assert float((np.abs(onnx_out - ref.numpy()) / scale.numpy()).max()) <= 1e-4
+
+
+def test_pipeline_routes_and_scores_like_the_run(engine_run, synthetic_root):
+    run, out, _ = engine_run
+    pipe = Pipeline(EngineSet.open(out))
+    for name in ("alpha", "beta"):
+        data = load_class(synthetic_root, name)
+        frames = pipe.score(load_images([t.path for t in data.test], 64))
+        assert [f.expert for f in frames] == [name] * len(frames)
+        assert all(f.map.shape == (64, 64) and np.isfinite(f.raw_score) for f in frames)
+        assert all(f.score is None for f in frames)  # not calibrated yet
+
+
+def test_tampered_engine_file_is_refused(engine_run, tmp_path, capsys):
+    _, out, _ = engine_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    m = Manifest.load(copy)
+    target = copy / m.expert("alpha").files["onnx"].path
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(EngineSetError, match="does not match manifest.json"):
+        EngineSet.open(copy)
+    target.unlink()
+    with pytest.raises(EngineSetError, match="is missing"):
+        EngineSet.open(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(EngineSetError, match="not valid JSON"):
+        Manifest.load(copy)
+    with pytest.raises(EngineSetError, match="no manifest.json"):
+        Manifest.load(tmp_path)
+
+
+def test_export_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "e")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_engine_set_loads_and_scores_without_torch(engine_run, synthetic_root):
+    _, out, _ = engine_run
+    image = sorted((synthetic_root / "alpha" / "test" / "good").glob("*.png"))[0]
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'timm', 'FrEIA', 'train', 'onnx'):\n"
+        "            raise ImportError(f'{name} must not be imported on the edge side')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import cv2, numpy as np\n"
+        "from engines.pipeline import EngineSet, Pipeline\n"
+        f"es = EngineSet.open({str(out)!r})\n"
+        f"img = cv2.cvtColor(cv2.resize(cv2.imread({str(image)!r}), (64, 64)), cv2.COLOR_BGR2RGB)\n"
+        "f = Pipeline(es).score(img[None])[0]\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(f.expert, np.isfinite(f.raw_score), f.map.shape)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["alpha", "True", "(64,", "64)"]
+
+
+def test_fp16_graph_keeps_reductions_and_layernorm_in_fp32(engine_run):
+    _, out, _ = engine_run
+    m = Manifest.load(out)
+    g16 = onnx.load(out / m.expert("alpha").files["onnx_fp16"].path)
+    inferred = onnx.shape_inference.infer_shapes(g16).graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)}
+    types.update({t.name: t.data_type for t in g16.graph.initializer})
+    half = onnx.TensorProto.FLOAT16
+    reduce_inputs = [n.input[0] for n in g16.graph.node if n.op_type == "ReduceSum"]
+    assert reduce_inputs and all(types[i] == onnx.TensorProto.FLOAT for i in reduce_inputs)
+    gemm_weights = [n.input[1] for n in g16.graph.node if n.op_type == "Gemm"]
+    assert gemm_weights and all(types[w] == half for w in gemm_weights)
+    assert g16.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_fp16_islands_prevent_overflow_on_extreme_patches(tmp_path):
+    """Without LayerNorm nothing bounds z: on far-out features 0.5·Σz² passes 65,504. The
+    graph with FP32 reductions stays finite and close to FP32; naive FP16 overflows."""
+    from engines.export import onnx_bytes
+    cfg = load_config(None, {"model.adapter_layernorm": False, "model.coupling_blocks": 2,
+                             "model.lora_rank": 4}).resolved_model()
+    torch.manual_seed(0)
+    model = MoLEFlow(16, (4, 4), cfg)
+    model.add_task(0, torch.randn(8, 16, 4, 4))
+    feats = torch.randn(3, 16, 4, 4)
+    feats[0] *= 400.0  # an extreme frame
+    data = onnx_bytes(FusedExpert(model, 0), feats[:2], "features", ["patch_nll"])
+    fp32 = onnx.load_from_string(data)
+    paths = {}
+    for name, graph in (("fp32", fp32), ("islands", convert_to_fp16(fp32)),
+                        ("naive", convert_to_fp16(fp32, keep=set()))):
+        paths[name] = tmp_path / f"{name}.onnx"
+        onnx.save(graph, paths[name])
+    out = {"fp32": OrtGraph(paths["fp32"])(feats.numpy())["patch_nll"]}
+    with np.errstate(over="ignore"):
+        for k in ("islands", "naive"):  # FP16 numerics need the reference (see engines/fp16.py)
+            graph = onnx.load(paths[k])
+            out[k] = reference_evaluator(graph).run(None, {"features": feats.numpy()})[0]
+    assert out["fp32"].max() > 65504, "the test needs a patch whose NLL exceeds FP16's range"
+    assert np.isfinite(out["islands"]).all()
+    np.testing.assert_allclose(out["islands"], out["fp32"], rtol=2e-2, atol=1.0)
+    assert not np.isfinite(out["naive"]).all()
+    assert fp32_nodes(fp32.graph)

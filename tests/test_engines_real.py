@@ -1,0 +1,61 @@
+"""The exported engine set on real MVTec images (skipped where ../shared/data is absent):
+parity with PyTorch, FP16 accuracy, and calibration on held-out normals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from calibration.calibrate import calibrate_engine_set
+from edge.cli import main
+from edge.config import CalibrationConfig
+from engines.pipeline import EngineSet, Pipeline
+from engines.verify import verify_engine_set
+from train.data import load_class, load_images
+
+
+@pytest.fixture(scope="module")
+def real_engines(real_run, tmp_path_factory):
+    run, data, _ = real_run
+    out = tmp_path_factory.mktemp("real_engines") / "line1"
+    assert main(["export", "--run", str(run), "--out", str(out), "--quiet"]) == 0
+    return run, data, out
+
+
+def test_exported_pipeline_matches_pytorch_and_fp16_is_safe(real_engines):
+    run, data, out = real_engines
+    checks = verify_engine_set(run, out, data)
+    assert [c.name for c in checks] == ["bottle", "transistor"]
+    for c in checks:
+        assert c.expert_max_rel <= 1e-4, c.line()
+        assert c.e2e_max_rel <= 1e-4, c.line()
+        assert abs(c.onnx_image_auroc - c.torch_image_auroc) <= 0.001, c.line()
+        assert abs(c.onnx_pixel_auroc - c.torch_pixel_auroc) <= 0.001, c.line()
+        assert c.onnx_routing == 1.0, c.line()
+        assert c.fp16_finite, c.line()
+        assert abs(c.fp16_image_auroc - c.onnx_image_auroc) <= 0.005, c.line()
+        assert abs(c.fp16_pixel_auroc - c.onnx_pixel_auroc) <= 0.005, c.line()
+
+
+def test_calibration_thresholds_hold_on_unseen_normals(real_engines):
+    run, data, out = real_engines
+    reports = calibrate_engine_set(out, data, CalibrationConfig())
+    assert {r.name for r in reports} == {"bottle", "transistor"}
+    for r in reports:
+        assert r.calibration.n_images == 13 and r.refitted
+        # 12 unseen normal images per class: at a 1 % target, at most one false alarm
+        assert r.test_good == 12 and r.false_alarms <= 1, r.line()
+        assert r.detected >= r.test_defective // 2, r.line()
+    assert json.loads((out / "calibration.json").read_text())["format"] == 1
+    # a second run keeps the still-valid calibration instead of refitting it
+    again = calibrate_engine_set(out, data, CalibrationConfig())
+    assert not any(r.refitted for r in again)
+    pipe = Pipeline(EngineSet.open(out))
+    good = load_class(data, "bottle").test
+    frames = pipe.score(load_images([t.path for t in good][:4], 256))
+    for f in frames:
+        cal = pipe.engines.calibration[f.expert]
+        assert 0.0 <= f.score <= 1.0
+        assert f.anomalous == (f.raw_score > cal.threshold) == (f.score > 0.5)
+        assert not f.unknown  # its own product is not "unknown"
