@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 
 $(BIN)/moleflow: setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q -e '.[train,edge,dev]'
 	touch $@
 
 install: $(BIN)/moleflow

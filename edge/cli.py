@@ -87,13 +87,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train and evaluate the default sequence on the shared data, or on generated images."""
+    """Train and evaluate the default sequence on the shared data (or generated images), export
+    the experts to an engine set and calibrate it."""
     data = args.data
     if data is None and SHARED_DATA.is_dir():
         data = SHARED_DATA
     if data is None:
         from train.synthetic import make_synthetic_mvtec
-        data = make_synthetic_mvtec(args.run.parent / "synthetic-data", size=128)
+        data = make_synthetic_mvtec(args.run.parent / "synthetic-data", size=128, n_train=80)
         log.info("no data folder given and ../shared/data absent: generated images in %s", data)
         args.image_size = args.image_size or 128
     from train.data import list_classes
@@ -101,7 +102,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.run.exists():
         import shutil
         shutil.rmtree(args.run)
-    return cmd_train(args)
+    cmd_train(args)
+    from calibration.calibrate import calibrate_engine_set, summary
+    from engines.export import export_engine_set
+    engines = args.run / "engines"
+    export_engine_set(args.run, engines)
+    cfg = _config(args)
+    print(summary(calibrate_engine_set(engines, data, cfg.calibration, threads=cfg.train.threads)))
+    print(f"engine set: {engines / 'manifest.json'} (serve it with ONNX Runtime, or build "
+          f"TensorRT plans with 'moleflow build --engines {engines}')")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

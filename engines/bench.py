@@ -3,11 +3,17 @@ exported engine set in ONNX Runtime, at batch 1 and 8, with one expert loaded an
 
 Both sides do the same work per frame: normalise, backbone, pooled feature, Mahalanobis distance
 to every loaded prototype, one expert per frame, top-k image score and the smoothed anomaly map.
-Frames are real test images of every class of the run, interleaved.
+Frames are real test images of every class of the run, interleaved. Each runtime is timed in
+a process of its own (see engines/bench_ort.py).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +22,6 @@ import numpy as np
 import torch
 
 from engines.imaging import anomaly_maps, image_scores, preprocess
-from engines.pipeline import EngineSet, Pipeline
 from train.backbone import FeatureExtractor
 from train.bundle import RunBundle
 from train.data import load_class, load_images
@@ -67,26 +72,36 @@ class EagerPipeline:
         return {"backbone": t1 - t0, "router": t2 - t1, "expert": t3 - t2, "postprocess": t4 - t3}
 
 
-def _ort_stages(pipe: Pipeline, images: np.ndarray) -> dict[str, float]:
-    frames = pipe.score(images)
-    return {k: v * len(images) for k, v in frames[0].timings.items()}
-
-
 def _time(fn, frames: np.ndarray, batch: int, rounds: int) -> tuple[float, dict[str, float]]:
     """Median ms per frame over ``rounds`` passes through ``frames`` in batches of ``batch``."""
-    fn(frames[:batch])  # warm-up (allocations, first-call kernels)
+    n = (len(frames) // batch) * batch
+    for i in range(0, n, batch):  # warm-up pass: allocations, first-call kernels, caches
+        fn(frames[i:i + batch])
     per_round, stages = [], {}
     for _ in range(rounds):
-        total = 0.0
-        for i in range(0, len(frames) - batch + 1, batch):
-            st = fn(frames[i:i + batch])
-            total += sum(st.values())
-            for k, v in st.items():
+        t0 = time.perf_counter()
+        for i in range(0, n, batch):
+            for k, v in fn(frames[i:i + batch]).items():
                 stages[k] = stages.get(k, 0.0) + v
-        per_round.append(total)
-    n = (len(frames) // batch) * batch
-    ms = 1000.0 * float(np.median(per_round)) / n
-    return ms, {k: 1000.0 * v / (n * rounds) for k, v in stages.items()}
+        per_round.append(time.perf_counter() - t0)
+    return (1000.0 * float(np.median(per_round)) / n,
+            {k: 1000.0 * v / (n * rounds) for k, v in stages.items()})
+
+
+def _ort_rows(engines_dir: Path, frames: np.ndarray, threads: int, rounds: int,
+              names: list[str]) -> list[BenchRow]:
+    """ONNX Runtime timings from a fresh process (see engines/bench_ort.py)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "frames.npy"
+        np.save(path, frames)
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        res = subprocess.run([sys.executable, "-m", "engines.bench_ort", str(engines_dir),
+                              str(path), str(threads), str(rounds), ",".join(names)],
+                             capture_output=True, text=True, env=env, timeout=3600)
+    if res.returncode != 0:
+        raise RuntimeError(f"ONNX Runtime benchmark failed: {res.stderr[-2000:]}")
+    return [BenchRow("ONNX Runtime", r["batch"], len(names), r["ms"], r["stages"])
+            for r in json.loads(res.stdout.strip().splitlines()[-1])]
 
 
 def bench_engines(run_dir: Path, engines_dir: Path, data_root: Path | None, threads: int,
@@ -104,15 +119,14 @@ def bench_engines(run_dir: Path, engines_dir: Path, data_root: Path | None, thre
     n_all = len(bundle.tasks)
     rows = []
     for experts in sorted({1, n_all}):
-        names = [t.name for t in bundle.tasks[:experts]]
         eager = EagerPipeline(bundle, experts)
-        pipe = Pipeline(EngineSet.open(engines_dir, threads=threads, experts=names))
         for batch in (1, 8):
             ms, st = _time(eager.score, frames, batch, rounds)
             rows.append(BenchRow("PyTorch eager", batch, experts, ms, st))
-            ms, st = _time(lambda x: _ort_stages(pipe, x), frames, batch, rounds)
-            rows.append(BenchRow("ONNX Runtime", batch, experts, ms, st))
-    return rows
+    for experts in sorted({1, n_all}):
+        rows += _ort_rows(engines_dir, frames, threads or 0, rounds,
+                          [t.name for t in bundle.tasks[:experts]])
+    return sorted(rows, key=lambda r: (r.experts, r.batch, r.runtime != "PyTorch eager"))
 
 
 def format_rows(rows: list[BenchRow]) -> str:

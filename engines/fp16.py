@@ -4,7 +4,8 @@ FP16 tops out at 65,504. On anomalous patches ``0.5·Σz²``, the log-det sums a
 variance exceed that, so these stay FP32: every ReduceSum and everything computed from a
 reduction's result (the log-det chain and the NLL), the square feeding a reduction, and the
 LayerNorm with the whitening in front of it. Everything else (convolutions, GEMMs, couplings)
-runs in FP16 with Casts at the borders. Inputs and outputs stay FP32.
+runs in FP16 with Casts at the borders. Inputs and outputs stay FP32. (Also FP32: a chain of
+additions feeding a reduction, e.g. the couplings' log-scales summed before the log-det.)
 
 The precision lives in the graph itself, so ONNX Runtime on a CPU runs exactly what a strongly
 typed TensorRT network is built from.
@@ -52,9 +53,16 @@ def fp32_nodes(graph: onnx.GraphProto) -> set[str]:
         elif n.op_type in ("ReduceSum", "ReduceSumSquare", "ReduceL2"):
             keep.add(n.name)
             walk(n, down=True)
-            src = producer.get(n.input[0])
-            if src is not None and src.op_type in ("Mul", "Pow"):
-                keep.add(src.name)
+            stack = [producer.get(n.input[0])]
+            while stack:  # the square, or the chain of additions, that feeds the reduction
+                src = stack.pop()
+                if src is None or src.name in keep:
+                    continue
+                if src.op_type in ("Mul", "Pow") and src.input[0] == src.input[-1]:
+                    keep.add(src.name)
+                elif src.op_type == "Add":
+                    keep.add(src.name)
+                    stack += [producer.get(i) for i in src.input]
     return keep
 
 
@@ -153,6 +161,10 @@ def reference_evaluator(model: onnx.ModelProto):
                 y = y + (1.0 if beta is None else beta) * c.astype(np.float32)
             return (y.astype(a.dtype),)
 
+    class MatMul(OpRun):
+        def _run(self, a, b):
+            return ((a.astype(np.float32) @ b.astype(np.float32)).astype(a.dtype),)
+
     class Conv(OpRun):
         def _run(self, x, w, b=None, auto_pad=None, dilations=None, group=None,
                  kernel_shape=None, pads=None, strides=None):
@@ -175,4 +187,4 @@ def reference_evaluator(model: onnx.ModelProto):
                 y += b.astype(np.float32)[None, :, None, None]
             return (y.astype(x.dtype),)
 
-    return ReferenceEvaluator(model, new_ops=[Gemm, Conv])
+    return ReferenceEvaluator(model, new_ops=[Gemm, MatMul, Conv])

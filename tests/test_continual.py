@@ -4,6 +4,7 @@ bad input. Small model and few epochs: these check behaviour, not accuracy."""
 from __future__ import annotations
 
 import csv
+import json
 import hashlib
 from pathlib import Path
 
@@ -148,10 +149,13 @@ def test_run_bundle_refuses_a_foreign_folder(tmp_path):
 
 def test_demo_runs_end_to_end_on_a_data_folder(synthetic_root, tmp_path):
     run = tmp_path / "demo"
-    assert main(["demo", "--data", str(synthetic_root), "--run", str(run), *CLI_SMALL]) == 0
+    assert main(["demo", "--data", str(synthetic_root), "--run", str(run), *CLI_SMALL,
+                 "--set", "train.val_fraction=0.34"]) == 0
     with open(run / "final_results.csv") as fh:
         classes = [r["class"] for r in csv.DictReader(fh)]
     assert classes == ["alpha", "beta", "gamma", "mean"]
+    calibration = json.loads((run / "engines" / "calibration.json").read_text())
+    assert sorted(calibration["experts"]) == ["alpha", "beta", "gamma"]
 
 
 def test_validation_split_is_seeded_disjoint_and_leaves_training_images():

@@ -92,16 +92,18 @@ def test_expert_graph_is_a_plain_flow_with_lora_fused(engine_run):
     assert batch.dim_param, "batch dimension is dynamic"
 
 
-def test_fused_linear_is_w_plus_scaled_ba(engine_run):
+def test_fused_weights_are_w_plus_scaled_ba(engine_run):
     run, *_ = engine_run
     model = RunBundle.open(run).load_model()
     lin = model.blocks[0].subnet.s1
     with torch.no_grad():
         lin.lora_B["1"].normal_()  # a non-trivial adapter
-        fused = FusedExpert(model, 1).flow.blocks[0].subnet.s1.linear
-        expect = lin.base.weight + (8 ** -1 * 1.0) * lin.lora_B["1"] @ lin.lora_A["1"]  # a/r
-    torch.testing.assert_close(fused.weight, expect, rtol=0, atol=1e-6)
-    torch.testing.assert_close(fused.bias, lin.base.bias + lin.task_bias["1"], rtol=0, atol=0)
+        fused = FusedExpert(model, 1).blocks[0].w
+        expect = lin.base.weight + (1.0 / 8) * lin.lora_B["1"] @ lin.lora_A["1"]  # alpha / rank
+    torch.testing.assert_close(fused["s1_w"], expect, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fused["s1_b"][:, 0], lin.base.bias + lin.task_bias["1"],
+                               rtol=0, atol=0)
+    assert lin.scale == 1.0 / 8
 
 
 def test_onnx_experts_match_pytorch(engine_run):
@@ -191,8 +193,11 @@ def test_fp16_graph_keeps_reductions_and_layernorm_in_fp32(engine_run):
     half = onnx.TensorProto.FLOAT16
     reduce_inputs = [n.input[0] for n in g16.graph.node if n.op_type == "ReduceSum"]
     assert reduce_inputs and all(types[i] == onnx.TensorProto.FLOAT for i in reduce_inputs)
-    gemm_weights = [n.input[1] for n in g16.graph.node if n.op_type == "Gemm"]
-    assert gemm_weights and all(types[w] == half for w in gemm_weights)
+    inits = {t.name for t in g16.graph.initializer}
+    gemms = [n for n in g16.graph.node if n.op_type in ("MatMul", "Gemm")]
+    weights = [i for n in gemms for i in n.input if i in inits]
+    assert len(gemms) == 2 * 4 + 2 * 6 and len(weights) >= len(gemms)
+    assert all(types[w] == half for w in weights)
     assert g16.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
