@@ -170,6 +170,36 @@ def cmd_bench_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the edge daemon (what systemd starts), or only check its configuration."""
+    cfg = _config(args)
+    from edge.ingest import parse_endpoint
+    for text in cfg.ingest.endpoints:
+        parse_endpoint(text)
+    if not cfg.engines.path:
+        raise ConfigError("engines.path: no engine set given (the folder with manifest.json)")
+    from engines.manifest import Manifest, verified
+    root = Path(cfg.engines.path)
+    manifest = Manifest.load(root)
+    for entry in [manifest.backbone["files"], *(e.files for e in manifest.experts)]:
+        for ref in entry.values():
+            verified(root, ref)
+    if args.validate_config:
+        print(f"config OK: engine set {root} ({len(manifest.experts)} experts), "
+              f"{len(cfg.ingest.endpoints)} camera socket(s), MQTT {cfg.mqtt.host}:{cfg.mqtt.port}")
+        return 0
+    import signal
+    from edge.daemon import Daemon
+    from edge.logs import setup_logging
+    setup_logging(cfg.logging.level, cfg.logging.json)
+    daemon = Daemon(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    signal.signal(signal.SIGHUP, lambda *_: daemon.reload())
+    daemon.run()
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.documented:
@@ -196,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "build": (cmd_build, "build TensorRT plans of an engine set on this GPU"),
         "verify": (cmd_verify, "check an engine set against its run (parity, FP16)"),
         "bench-engines": (cmd_bench_engines, "per-frame cost: PyTorch eager vs ONNX Runtime"),
+        "serve": (cmd_serve, "run the edge daemon: ZeroMQ frames in, MQTT results out"),
         "config": (cmd_config, "validate a config file and print it resolved"),
     }
     for name, (fn, help_) in commands.items():
@@ -228,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "bench":
             p.add_argument("--task", default=None, help="class to train (default: the first)")
             p.add_argument("--repeat", type=int, default=1, help="timed repetitions")
+        if name == "serve":
+            p.add_argument("--validate-config", action="store_true",
+                           help="check the config and the engine set's files, then exit")
         if name == "config":
             p.add_argument("--defaults", action="store_true", help="list every option")
             p.add_argument("--documented", action="store_true",

@@ -25,9 +25,9 @@ class ConfigError(MoleflowError, ValueError):
 
 
 def opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-        choices: tuple | None = None) -> Any:
-    """A config field with its description and bounds."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices}
+        choices: tuple | None = None, item: type = int) -> Any:
+    """A config field with its description and bounds (``item``: element type of a list)."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "item": item}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -143,6 +143,65 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class IngestConfig:
+    endpoints: list = opt(["rep+tcp://0.0.0.0:5555"], "camera sockets as pattern+address: rep "
+                          "(binds; imagezmq's default REQ senders), pull (binds; PUSH senders), "
+                          "sub (connects to a PUB sender's address)", item=str)
+    max_message_bytes: int = opt(32 << 20, "largest frame message accepted; larger ones are "
+                                 "dropped and reported", min=1024)
+    max_side: int = opt(8192, "largest frame width or height accepted", min=16)
+    queue_size: int = opt(16, "frames waiting to be scored; when full the oldest is dropped",
+                          min=1, max=10000)
+    max_batch: int = opt(8, "frames scored together when several wait", min=1, max=64)
+
+
+@dataclass(frozen=True)
+class EnginesConfig:
+    path: str | None = opt(None, "engine-set folder (manifest.json) the daemon serves")
+    backend: str = opt("onnxruntime", "runtime back end", choices=("onnxruntime", "tensorrt"))
+    precision: str = opt("fp32", "which graphs to run (tensorrt: the built plans' precision)",
+                         choices=("fp32", "fp16"))
+    threads: int = opt(0, "CPU threads for onnxruntime (0 = all cores)", min=0, max=256)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = opt("127.0.0.1", "MQTT broker host")
+    port: int = opt(1883, "MQTT broker port", min=1, max=65535)
+    prefix: str = opt("moleflow", "topic root: <prefix>/<device_id>/...")
+    device_id: str = opt("edge-1", "this device's name in the topics")
+    username: str | None = opt(None, "broker user name (null: anonymous)")
+    password_env: str = opt("MOLEFLOW_MQTT_PASSWORD", "environment variable holding the broker "
+                                                      "password (set it in the systemd "
+                                                      "environment file)")
+    tls: bool = opt(False, "connect with TLS")
+    ca_file: str | None = opt(None, "CA certificate for TLS (null: the system's)")
+    keepalive: int = opt(30, "MQTT keep-alive in seconds", min=5, max=3600)
+    map_interval: float = opt(1.0, "seconds between anomaly-map PNGs per camera (0 = no maps)",
+                              min=0.0)
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: str = opt("/var/lib/moleflow/alarms.sqlite", "SQLite file where alarms wait while the "
+                                                       "broker is away")
+    max_alarms: int = opt(100000, "alarms kept at most (oldest dropped and counted beyond)",
+                          min=10)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    port: int = opt(9108, "Prometheus /metrics and /healthz port (0 = off)", min=0, max=65535)
+    bind: str = opt("127.0.0.1", "address the metrics endpoint listens on")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = opt("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    json: bool = opt(True, "one JSON object per log line (journald-friendly)")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -151,6 +210,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    engines: EnginesConfig = field(default_factory=EnginesConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def resolved_model(self) -> ModelConfig:
         """The model section with its preset's switches applied."""
@@ -190,9 +255,11 @@ def _check_value(key: str, f: dataclasses.Field, hint: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: must be a string, got {value!r}")
     elif base is list:
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                  for v in value) or not value:
-            raise ConfigError(f"{key}: must be a non-empty list of integers, got {value!r}")
+        item = f.metadata.get("item", int)
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, item) and not isinstance(v, bool) for v in value):
+            kind = "integers" if item is int else "strings"
+            raise ConfigError(f"{key}: must be a non-empty list of {kind}, got {value!r}")
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{key}: must be one of {', '.join(map(str, meta['choices']))}; "
@@ -281,7 +348,9 @@ def documented_yaml() -> str:
             if d is None or isinstance(d, bool):
                 value = {None: "null", True: "true", False: "false"}[d]
             elif isinstance(d, list):
-                value = f"[{', '.join(map(str, d))}]"
+                value = f"[{', '.join(repr(v) if isinstance(v, str) else str(v) for v in d)}]"
+            elif isinstance(d, str) and (not d or d[0] in "*&!|>%@`'\"{[" or ": " in d):
+                value = repr(d)
             else:
                 value = repr(d) if isinstance(d, float) else str(d)
             m = f.metadata

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.thresholds import CALIBRATION, Calibration, ExpertCalibration
+from calibration.thresholds import Calibration, ExpertCalibration
 from engines.imaging import anomaly_maps, image_scores, mahalanobis, preprocess
 from engines.manifest import EngineSetError, Manifest, verified
 from engines.runtime import BACKENDS, Graph, file_key

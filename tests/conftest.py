@@ -9,6 +9,23 @@ import pytest
 
 from train.synthetic import make_synthetic_mvtec
 
+ROOT = Path(__file__).resolve().parents[1]
+
+def run_without(modules: tuple[str, ...], code: str, timeout: int = 120):
+    """Run ``code`` in a fresh Python in which importing any of ``modules`` fails."""
+    import subprocess
+    import sys
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {tuple(modules)!r}:\n"
+        "            raise ImportError(f'{name} must not be imported on the edge side')\n"
+        "sys.meta_path.insert(0, Block())\n")
+    return subprocess.run([sys.executable, "-c", blocker + code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 #: Real MVTec images (256x256) beside the project in the dev workspace; absent in a user's clone.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec256"
 

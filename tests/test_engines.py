@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,8 @@ from train.continual import train_tasks
 from train.data import load_class, load_images
 from train.flow import MoLEFlow
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import run_without
+
 SMALL = {"train.epochs": 2, "data.image_size": 64, "model.coupling_blocks": 2,
          "model.lora_rank": 8, "eval.overlays_per_class": 0, "train.val_fraction": 0.34}
 
@@ -162,13 +161,9 @@ def test_export_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
 def test_engine_set_loads_and_scores_without_torch(engine_run, synthetic_root):
     _, out, _ = engine_run
     image = sorted((synthetic_root / "alpha" / "test" / "good").glob("*.png"))[0]
-    code = (
+    res = run_without(
+        ("torch", "timm", "FrEIA", "train", "onnx"),
         "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'timm', 'FrEIA', 'train', 'onnx'):\n"
-        "            raise ImportError(f'{name} must not be imported on the edge side')\n"
-        "sys.meta_path.insert(0, Block())\n"
         "import cv2, numpy as np\n"
         "from engines.pipeline import EngineSet, Pipeline\n"
         f"es = EngineSet.open({str(out)!r})\n"
@@ -176,8 +171,6 @@ def test_engine_set_loads_and_scores_without_torch(engine_run, synthetic_root):
         "f = Pipeline(es).score(img[None])[0]\n"
         "assert 'torch' not in sys.modules\n"
         "print(f.expert, np.isfinite(f.raw_score), f.map.shape)\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["alpha", "True", "(64,", "64)"]
 

@@ -1,0 +1,265 @@
+"""The edge daemon: camera frames in, routed expert scoring, MQTT results and alarms out.
+
+    ingest thread --frames--> bounded queue (drops the oldest when full) --> scoring loop
+    scoring loop: batch of waiting frames -> Pipeline (backbone, router, expert, map, decision)
+                  -> result / alarm / map / unknown on MQTT, metrics, watchdog ping
+
+``Daemon.run()`` blocks until ``stop()`` (SIGTERM/SIGINT): ingest stops, the frames already
+queued are scored, the alarm spool is delivered (bounded wait), ``offline`` is published.
+``reload()`` (SIGHUP) loads the engine set again beside the running one and swaps it in
+between two batches, so a new product expert goes live while frames keep flowing. No torch.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.config import Config, ConfigError
+from edge.errors import MoleflowError
+from edge.frames import Frame
+from edge.ingest import Ingest
+from edge.metrics import Metrics, serve_metrics
+from edge.publisher import Publisher
+from edge.spool import AlarmSpool
+from engines.pipeline import EngineSet, FrameScore, Pipeline
+
+log = logging.getLogger("moleflow.daemon")
+VERSION = "0.1.0"
+
+
+def sd_notify(message: str) -> bool:
+    """Send ``message`` to systemd's notify socket (Type=notify, watchdog); False outside it."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError:
+        return False
+
+
+def load_engines(cfg: Config) -> Pipeline:
+    if not cfg.engines.path:
+        raise ConfigError("engines.path: no engine set given (the folder with manifest.json)")
+    engines = EngineSet.open(Path(cfg.engines.path), backend=cfg.engines.backend,
+                             precision=cfg.engines.precision, threads=cfg.engines.threads)
+    return Pipeline(engines, with_maps=True)
+
+
+def regions(anomaly_map: np.ndarray, threshold: float, max_regions: int = 16) -> list[dict]:
+    """Bounding boxes of the map's connected areas above ``threshold`` (pixels and 0..1)."""
+    mask = (anomaly_map > threshold).astype(np.uint8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    size = anomaly_map.shape[0]
+    boxes = []
+    for i in range(1, n):
+        x, y, w, h, area = (int(v) for v in stats[i])
+        peak = float(anomaly_map[y:y + h, x:x + w].max())
+        boxes.append({"x": x, "y": y, "w": w, "h": h, "area": area, "peak": round(peak, 3),
+                      "box": [round(x / size, 4), round(y / size, 4),
+                              round((x + w) / size, 4), round((y + h) / size, 4)]})
+    return sorted(boxes, key=lambda b: -b["peak"])[:max_regions]
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.pipeline = load_engines(cfg)
+        self.spool = AlarmSpool(cfg.spool.path, cfg.spool.max_alarms)
+        self.publisher = Publisher(cfg.mqtt, self.spool, self._status())
+        self.queue: collections.deque[Frame] = collections.deque()
+        self.cond = threading.Condition()
+        self.stopping = threading.Event()
+        self._reload_pending = threading.Event()
+        self._last_map: dict[str, float] = {}
+        self._last_loop = time.monotonic()
+        self.ingest = Ingest(cfg.ingest, lambda: self.pipeline.engines.size, self._enqueue,
+                             self._ingest_error)
+        self._metrics_server = None
+
+    def _status(self) -> dict:
+        engines = self.pipeline.engines
+        return {"version": VERSION, "device": self.cfg.mqtt.device_id,
+                "experts": engines.expert_names(), "backend": engines.backend,
+                "precision": engines.precision,
+                "calibrated": sorted(engines.calibration)}
+
+    # ----- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.publisher.start()
+        self.ingest.start()
+        if self.cfg.metrics.port:
+            self._metrics_server = serve_metrics(self.metrics, self.health,
+                                                 self.cfg.metrics.bind, self.cfg.metrics.port)
+        sd_notify("READY=1\nSTATUS=scoring frames")
+        log.info("daemon started: experts %s, backend %s", self.pipeline.engines.expert_names(),
+                 self.pipeline.engines.backend)
+
+    def run(self) -> None:
+        """Start, score until stopped, then drain; the main loop also pings the watchdog."""
+        self.start()
+        try:
+            while not self.stopping.is_set():
+                self.step(timeout=0.5)
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.cond:
+            self.cond.notify_all()
+
+    def shutdown(self) -> None:
+        sd_notify("STOPPING=1")
+        self.ingest.stop()
+        while self.queue:  # score what was already received
+            self.step(timeout=0)
+        self.publisher.stop(timeout=5.0)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        left = len(self.spool)
+        if left:
+            log.warning("%d alarms stay spooled in %s for the next start", left, self.spool.path)
+        self.spool.close()
+
+    def reload(self) -> None:
+        """Ask the loop to load the engine set again (SIGHUP)."""
+        self._reload_pending.set()
+        with self.cond:
+            self.cond.notify_all()
+
+    def health(self) -> dict:
+        age = time.monotonic() - self._last_loop
+        return {"healthy": age < 10 and not self.stopping.is_set(), "loop_age_s": round(age, 3),
+                "mqtt_connected": self.publisher.connected.is_set(), "queue": len(self.queue),
+                "spooled_alarms": len(self.spool), "experts": self.pipeline.engines.expert_names()}
+
+    # ----- ingest side ------------------------------------------------------------------------
+    def _enqueue(self, frame: Frame) -> None:
+        self.metrics.inc("frames_in", camera=frame.camera)
+        with self.cond:
+            if len(self.queue) >= self.cfg.ingest.queue_size:
+                old = self.queue.popleft()
+                self.metrics.inc("frames_dropped", camera=old.camera, reason="queue_full")
+            self.queue.append(frame)
+            self.metrics.set("queue_depth", len(self.queue))
+            self.cond.notify()
+
+    def _ingest_error(self, kind: str, detail: str) -> None:
+        self.metrics.inc("errors", kind=kind)
+        log.warning("%s: %s", kind, detail)
+        self.publisher.send("events", {"event": kind, "detail": detail, "time": time.time()})
+
+    # ----- scoring side -----------------------------------------------------------------------
+    def step(self, timeout: float) -> int:
+        """Score one batch of waiting frames (waiting up to ``timeout`` for one); returns its size."""
+        self._last_loop = time.monotonic()
+        sd_notify("WATCHDOG=1")
+        if self._reload_pending.is_set():
+            self._do_reload()
+        with self.cond:
+            if not self.queue and timeout > 0:
+                self.cond.wait(timeout)
+            batch = [self.queue.popleft()
+                     for _ in range(min(len(self.queue), self.cfg.ingest.max_batch))]
+            self.metrics.set("queue_depth", len(self.queue))
+        if batch:
+            self._score(batch)
+        return len(batch)
+
+    def _do_reload(self) -> None:
+        self._reload_pending.clear()
+        before = set(self.pipeline.engines.expert_names())
+        try:
+            fresh = load_engines(self.cfg)
+        except MoleflowError as exc:
+            self.metrics.inc("errors", kind="reload")
+            log.error("reload failed, keeping the running engine set: %s", exc)
+            self.publisher.send("events", {"event": "reload_failed", "detail": str(exc),
+                                           "time": time.time()})
+            return
+        self.pipeline = fresh
+        after = set(fresh.engines.expert_names())
+        self.publisher.status = self._status()
+        self.publisher.send("status", {"state": "online", **self._status()}, qos=1)
+        event = {"event": "engines_reloaded", "added": sorted(after - before),
+                 "removed": sorted(before - after), "experts": sorted(after), "time": time.time()}
+        self.publisher.send("events", event, qos=1)
+        log.info("engine set reloaded: %s", event)
+
+    def _score(self, batch: list[Frame]) -> None:
+        images = np.stack([f.image for f in batch])
+        hints = [f.product if f.product in self.pipeline.engines.experts else None
+                 for f in batch]
+        for f, h in zip(batch, hints):
+            if f.product and h is None:
+                self._ingest_error("bad_hint", f"{f.camera}/{f.frame_id}: product {f.product!r} "
+                                               "is not an expert; routed instead")
+        started = time.time()
+        try:
+            scores = self.pipeline.score(images, hints)
+        except Exception as exc:  # an engine fault must not end the daemon
+            self.metrics.inc("errors", kind="engine")
+            log.exception("scoring failed for %d frames", len(batch))
+            self.publisher.send("events", {"event": "engine_error", "detail": repr(exc),
+                                           "frames": [f.frame_id for f in batch],
+                                           "time": time.time()})
+            return
+        done = time.time()
+        for frame, score in zip(batch, scores):
+            self._publish(frame, score, started, done)
+
+    def _publish(self, frame: Frame, s: FrameScore, started: float, done: float) -> None:
+        cal = self.pipeline.engines.calibration.get(s.expert)
+        decision = "uncalibrated" if s.anomalous is None else (
+            "anomalous" if s.anomalous else "normal")
+        latency = {k: round(v * 1000, 3) for k, v in s.timings.items()}
+        latency["queue"] = round((started - frame.received_at) * 1000, 3)
+        latency["total"] = round((done - frame.received_at) * 1000, 3)
+        result = {"device": self.cfg.mqtt.device_id, "camera": frame.camera,
+                  "frame": frame.frame_id, "sent_at": frame.sent_at,
+                  "received_at": frame.received_at, "scored_at": done, "expert": s.expert,
+                  "routing_distance": round(s.distance, 4), "unknown": s.unknown,
+                  "score_raw": round(s.raw_score, 4),
+                  "score": None if s.score is None else round(s.score, 6), "decision": decision,
+                  "latency_ms": latency}
+        cam = frame.camera
+        self.metrics.inc("frames_scored", camera=cam)
+        self.metrics.observe("total", done - frame.received_at)
+        for stage, v in s.timings.items():
+            self.metrics.observe(stage, v)
+        self.publisher.send(f"{cam}/result", result)
+        if s.unknown:
+            self.metrics.inc("unknown", camera=cam)
+            self.publisher.send(f"{cam}/unknown", result)
+        if s.anomalous:
+            self.metrics.inc("alarms", camera=cam)
+            boxes = regions(s.map, cal.map_threshold)
+            if not boxes:  # the image score passed, no pixel did: report the hottest area
+                peak_level = 0.5 * (float(s.map.max()) + float(np.median(s.map)))
+                boxes = [dict(b, below_map_threshold=True) for b in regions(s.map, peak_level)]
+            self.publisher.alarm(cam, {**result, "regions": boxes})
+        interval = self.cfg.mqtt.map_interval
+        if interval > 0 and s.map is not None and \
+                done - self._last_map.get(cam, 0.0) >= interval:
+            self._last_map[cam] = done
+            top = 2.0 * cal.map_threshold if cal else float(s.map.max()) or 1.0
+            img = np.clip(s.map / top * 255.0, 0, 255).astype(np.uint8)
+            ok, png = cv2.imencode(".png", img)
+            if ok:
+                self.publisher.send(f"{cam}/map", png.tobytes())

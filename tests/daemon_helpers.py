@@ -1,0 +1,103 @@
+"""Helpers for the daemon's integration tests: a real Mosquitto broker and an MQTT listener."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    """Mosquitto on a free loopback port, with persistence so sessions survive a restart."""
+
+    def __init__(self, folder: Path) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(exe).exists():
+            pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
+        self.exe, self.folder, self.port = exe, folder, free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.conf = folder / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                             f"persistence true\npersistence_location {folder}/\n"
+                             "autosave_interval 1\n")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Broker":
+        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+class Listener:
+    """An MQTT subscriber that records every message under a topic filter."""
+
+    def __init__(self, port: int, topic: str = "#", client_id: str | None = None,
+                 clean: bool = True) -> None:
+        import paho.mqtt.client as mqtt
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "",
+                                  clean_session=clean)
+        self.client.reconnect_delay_set(0.1, 0.5)
+
+        def on_connect(client, userdata, flags, reason_code, properties):
+            client.subscribe(topic, qos=1)
+
+        def on_subscribe(client, userdata, mid, reason_codes, properties):
+            self.subscribed.set()
+
+        def on_message(client, userdata, msg):
+            with self.lock:
+                self.messages.append((msg.topic, msg.payload, msg.retain))
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = on_subscribe
+        self.client.on_message = on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self.subscribed.wait(5), "subscription not acknowledged"
+
+    def json(self, suffix: str) -> list[dict]:
+        with self.lock:
+            return [json.loads(p) for t, p, _ in self.messages if t.endswith(suffix)]
+
+    def wait_for(self, suffix: str, count: int, timeout: float = 30.0) -> list[dict]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            got = self.json(suffix)
+            if len(got) >= count:
+                return got
+            time.sleep(0.05)
+        raise AssertionError(f"{len(self.json(suffix))} of {count} messages on *{suffix} "
+                             f"within {timeout} s; topics seen: "
+                             f"{sorted({t for t, _, _ in self.messages})}")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
