@@ -200,6 +200,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_daemon(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from edge.bench import bench_daemon, load_frames
+    frames = load_frames(args.engines, _data_root(args, cfg))
+    print(bench_daemon(args.engines, frames, cfg, seconds=args.seconds, rate=args.rate).lines())
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.documented:
@@ -227,17 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
         "verify": (cmd_verify, "check an engine set against its run (parity, FP16)"),
         "bench-engines": (cmd_bench_engines, "per-frame cost: PyTorch eager vs ONNX Runtime"),
         "serve": (cmd_serve, "run the edge daemon: ZeroMQ frames in, MQTT results out"),
+        "bench-daemon": (cmd_bench_daemon, "drive a running daemon with a sender process: "
+                                           "frames/s and latency to the MQTT result"),
         "config": (cmd_config, "validate a config file and print it resolved"),
     }
     for name, (fn, help_) in commands.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(fn=fn)
         _common(p)
-        if name in ("train", "eval", "demo", "bench", "calibrate", "verify", "bench-engines"):
+        if name in ("train", "eval", "demo", "bench", "calibrate", "verify", "bench-engines",
+                    "bench-daemon"):
             p.add_argument("--data", type=Path, help="MVTec-layout folder (data.root)")
         if name in ("train", "eval", "export", "verify", "bench-engines"):
             p.add_argument("--run", type=Path, required=True, help="run folder")
-        if name in ("calibrate", "build", "verify", "bench-engines"):
+        if name == "bench-daemon":
+            p.add_argument("--seconds", type=float, default=20.0, help="sending time")
+            p.add_argument("--rate", type=float, default=0.0,
+                           help="frames/s offered (0 = as fast as the sender can)")
+        if name in ("calibrate", "build", "verify", "bench-engines", "bench-daemon"):
             p.add_argument("--engines", type=Path, required=True, help="engine-set folder")
         if name == "export":
             p.add_argument("--out", type=Path, required=True, help="engine-set folder to write")

@@ -25,8 +25,8 @@ import numpy as np
 
 from edge.config import Config, ConfigError
 from edge.errors import MoleflowError
-from edge.frames import Frame
-from edge.ingest import Ingest
+from edge.frames import Frame, FrameError, decode
+from edge.ingest import Ingest, Message
 from edge.metrics import Metrics, serve_metrics
 from edge.publisher import Publisher
 from edge.spool import AlarmSpool
@@ -57,7 +57,7 @@ def load_engines(cfg: Config) -> Pipeline:
         raise ConfigError("engines.path: no engine set given (the folder with manifest.json)")
     engines = EngineSet.open(Path(cfg.engines.path), backend=cfg.engines.backend,
                              precision=cfg.engines.precision, threads=cfg.engines.threads)
-    return Pipeline(engines, with_maps=True)
+    return Pipeline(engines, with_maps=False)  # maps only for alarms and due map messages
 
 
 def regions(anomaly_map: np.ndarray, threshold: float, max_regions: int = 16) -> list[dict]:
@@ -82,14 +82,13 @@ class Daemon:
         self.pipeline = load_engines(cfg)
         self.spool = AlarmSpool(cfg.spool.path, cfg.spool.max_alarms)
         self.publisher = Publisher(cfg.mqtt, self.spool, self._status())
-        self.queue: collections.deque[Frame] = collections.deque()
+        self.queue: collections.deque[Message] = collections.deque()
         self.cond = threading.Condition()
         self.stopping = threading.Event()
         self._reload_pending = threading.Event()
         self._last_map: dict[str, float] = {}
         self._last_loop = time.monotonic()
-        self.ingest = Ingest(cfg.ingest, lambda: self.pipeline.engines.size, self._enqueue,
-                             self._ingest_error)
+        self.ingest = Ingest(cfg.ingest, self._enqueue, self._ingest_error)
         self._metrics_server = None
 
     def _status(self) -> dict:
@@ -150,13 +149,13 @@ class Daemon:
                 "spooled_alarms": len(self.spool), "experts": self.pipeline.engines.expert_names()}
 
     # ----- ingest side ------------------------------------------------------------------------
-    def _enqueue(self, frame: Frame) -> None:
-        self.metrics.inc("frames_in", camera=frame.camera)
+    def _enqueue(self, message: Message) -> None:
+        self.metrics.inc("frames_in", camera=message.camera)
         with self.cond:
             if len(self.queue) >= self.cfg.ingest.queue_size:
                 old = self.queue.popleft()
                 self.metrics.inc("frames_dropped", camera=old.camera, reason="queue_full")
-            self.queue.append(frame)
+            self.queue.append(message)
             self.metrics.set("queue_depth", len(self.queue))
             self.cond.notify()
 
@@ -175,12 +174,22 @@ class Daemon:
         with self.cond:
             if not self.queue and timeout > 0:
                 self.cond.wait(timeout)
-            batch = [self.queue.popleft()
-                     for _ in range(min(len(self.queue), self.cfg.ingest.max_batch))]
+            messages = [self.queue.popleft()
+                        for _ in range(min(len(self.queue), self.cfg.ingest.max_batch))]
             self.metrics.set("queue_depth", len(self.queue))
+        batch = [f for f in map(self._decode, messages) if f is not None]
         if batch:
             self._score(batch)
-        return len(batch)
+        return len(messages)
+
+    def _decode(self, message: Message) -> Frame | None:
+        cfg = self.cfg.ingest
+        try:
+            return decode(message.parts, self.pipeline.engines.size, cfg.max_message_bytes,
+                          cfg.max_side, message.received_at)
+        except FrameError as exc:
+            self._ingest_error("bad_frame", f"{message.source} (camera {message.camera}): {exc}")
+            return None
 
     def _do_reload(self) -> None:
         self._reload_pending.clear()
@@ -195,8 +204,7 @@ class Daemon:
             return
         self.pipeline = fresh
         after = set(fresh.engines.expert_names())
-        self.publisher.status = self._status()
-        self.publisher.send("status", {"state": "online", **self._status()}, qos=1)
+        self.publisher.announce(self._status())
         event = {"event": "engines_reloaded", "added": sorted(after - before),
                  "removed": sorted(before - after), "experts": sorted(after), "time": time.time()}
         self.publisher.send("events", event, qos=1)
@@ -247,19 +255,20 @@ class Daemon:
         if s.unknown:
             self.metrics.inc("unknown", camera=cam)
             self.publisher.send(f"{cam}/unknown", result)
+        interval = self.cfg.mqtt.map_interval
+        map_due = interval > 0 and done - self._last_map.get(cam, 0.0) >= interval
+        amap = self.pipeline.anomaly_map(s.patch_nll) if (s.anomalous or map_due) else None
         if s.anomalous:
             self.metrics.inc("alarms", camera=cam)
-            boxes = regions(s.map, cal.map_threshold)
+            boxes = regions(amap, cal.map_threshold)
             if not boxes:  # the image score passed, no pixel did: report the hottest area
-                peak_level = 0.5 * (float(s.map.max()) + float(np.median(s.map)))
-                boxes = [dict(b, below_map_threshold=True) for b in regions(s.map, peak_level)]
+                peak_level = 0.5 * (float(amap.max()) + float(np.median(amap)))
+                boxes = [dict(b, below_map_threshold=True) for b in regions(amap, peak_level)]
             self.publisher.alarm(cam, {**result, "regions": boxes})
-        interval = self.cfg.mqtt.map_interval
-        if interval > 0 and s.map is not None and \
-                done - self._last_map.get(cam, 0.0) >= interval:
+        if map_due:
             self._last_map[cam] = done
-            top = 2.0 * cal.map_threshold if cal else float(s.map.max()) or 1.0
-            img = np.clip(s.map / top * 255.0, 0, 255).astype(np.uint8)
+            top = 2.0 * cal.map_threshold if cal else float(amap.max()) or 1.0
+            img = np.clip(amap / top * 255.0, 0, 255).astype(np.uint8)
             ok, png = cv2.imencode(".png", img)
             if ok:
                 self.publisher.send(f"{cam}/map", png.tobytes())

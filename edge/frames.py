@@ -63,7 +63,8 @@ def parse_msg(msg: object) -> tuple[str, str, float | None, str | None]:
         (str(product) if product else None)
 
 
-def decode(parts: list[bytes], size: int, max_bytes: int, max_side: int) -> Frame:
+def decode(parts: list[bytes], size: int, max_bytes: int, max_side: int,
+           received_at: float | None = None) -> Frame:
     """Validate and decode one two-part imagezmq message into a ``Frame`` at ``size``²."""
     if len(parts) != 2:
         raise FrameError(f"expected 2 message parts (JSON header, buffer), got {len(parts)}")
@@ -86,7 +87,8 @@ def decode(parts: list[bytes], size: int, max_bytes: int, max_side: int) -> Fram
     if image.shape[:2] != (size, size):
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return Frame(camera, frame_id, rgb, stamp, product=product, encoding=encoding)
+    return Frame(camera, frame_id, rgb, stamp, received_at=received_at or time.time(),
+                 product=product, encoding=encoding)
 
 
 def _raw(header: dict, buf: bytes, max_side: int) -> np.ndarray:

@@ -1,21 +1,23 @@
 """ZeroMQ camera sockets: SUB (PUB senders), PULL (PUSH senders), REP (imagezmq's REQ senders).
 
-One thread polls every socket (100 ms timeout, so it notices a stop), decodes each message
-with ``edge.frames.decode`` and hands frames to a callback. A REP socket always answers
-``OK`` (also for a bad frame), so an imagezmq sender never hangs. Messages over the size limit
+One thread polls every socket (100 ms timeout, so it notices a stop) and hands each message,
+undecoded, to a callback. A REP socket answers ``OK`` on receipt (also for a bad frame, which
+is reported when it is decoded), so an imagezmq sender never hangs. Messages over the size limit
 are rejected and reported; past twice the limit ZeroMQ's ``MAXMSGSIZE`` drops the connection
 before the message takes memory.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 from edge.config import ConfigError, IngestConfig
-from edge.frames import Frame, FrameError, decode
+from edge.frames import parse_msg
 
 log = logging.getLogger("moleflow.ingest")
 PATTERNS = {"rep": ("REP", True), "pull": ("PULL", True), "sub": ("SUB", False)}
@@ -37,14 +39,34 @@ def parse_endpoint(text: str) -> Endpoint:
     return Endpoint(pattern, address, PATTERNS[pattern][1])
 
 
-class Ingest:
-    """Receives frames from all configured sockets on one thread."""
+@dataclass
+class Message:
+    """A received camera message, not decoded yet (decoding waits until it is scored, so a
+    frame dropped under overload costs no decoding)."""
+    parts: list[bytes]
+    source: str
+    received_at: float
+    camera: str
 
-    def __init__(self, cfg: IngestConfig, size: Callable[[], int],
-                 on_frame: Callable[[Frame], None], on_error: Callable[[str, str], None]) -> None:
+
+def camera_of(parts: list[bytes]) -> str:
+    """The camera named in a message's header, cheaply and without failing ('?' if unclear)."""
+    try:
+        if len(parts) == 2 and len(parts[0]) < 65536:
+            return parse_msg(json.loads(parts[0]).get("msg", ""))[0]
+    except (ValueError, AttributeError, TypeError):
+        pass
+    return "?"
+
+
+class Ingest:
+    """Receives camera messages from all configured sockets on one thread."""
+
+    def __init__(self, cfg: IngestConfig, on_message: Callable[[Message], None],
+                 on_error: Callable[[str, str], None]) -> None:
         import zmq
         self.zmq = zmq
-        self.cfg, self.size, self.on_frame, self.on_error = cfg, size, on_frame, on_error
+        self.cfg, self.on_message, self.on_error = cfg, on_message, on_error
         self.endpoints = [parse_endpoint(e) for e in cfg.endpoints]
         self.context = zmq.Context()
         self.sockets = []
@@ -100,13 +122,7 @@ class Ingest:
                 except zmq.ZMQError as exc:
                     self.on_error("receive", f"{ep.address}: {exc}")
                     continue
-                try:
-                    frame = decode(parts, self.size(), self.cfg.max_message_bytes,
-                                   self.cfg.max_side)
-                except FrameError as exc:
-                    self.on_error("bad_frame", f"{ep.pattern} {ep.address}: {exc}")
-                else:
-                    self.on_frame(frame)
-                finally:
-                    if ep.pattern == "rep":
-                        sock.send(b"OK")
+                if ep.pattern == "rep":
+                    sock.send(b"OK")
+                self.on_message(Message(parts, f"{ep.pattern} {ep.address}", time.time(),
+                                        camera_of(parts)))

@@ -4,7 +4,7 @@ Topics under ``<prefix>/<device_id>``: ``status`` (retained; ``online`` on conne
 ``offline`` as the last will and on a clean stop), ``<camera>/result`` (QoS 0),
 ``<camera>/alarm`` (QoS 1, spooled), ``<camera>/map`` (PNG), ``<camera>/unknown``, ``events``.
 The client reconnects on its own (``connect_async`` + ``loop_start``, back-off 1–30 s). Alarms
-are written to the spool first and deleted when the broker acknowledges them; a single pump
+are written to the spool first and deleted when the broker acknowledges them; one pump thread
 publishes the spool in order whenever connected, so alarms raised during an outage go out
 first and in order. Results, maps and events are dropped (and counted) while disconnected.
 """
@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from edge.config import MqttConfig
@@ -43,6 +44,11 @@ class Publisher:
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}    # MQTT message id -> spool row id
         self._sent: set[int] = set()           # spool rows published on this connection
+        self._acked: set[int] = set()          # message ids acknowledged before being recorded
+        self._announce = False
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._pump_thread = threading.Thread(target=self._pump, name="spool-pump", daemon=True)
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                              client_id=f"moleflow-{cfg.device_id}", protocol=mqtt.MQTTv311)
         client.will_set(f"{self.root}/status", json.dumps({"state": "offline"}), qos=1,
@@ -63,24 +69,31 @@ class Publisher:
 
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        self._pump_thread.start()
         self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive)
         self.client.loop_start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Deliver what the spool holds (up to ``timeout``), publish ``offline``, disconnect."""
         if self.connected.is_set():
-            self.pump()
-            deadline = threading.Event()
-            for _ in range(int(timeout * 20)):
-                if len(self.spool) == 0:
-                    break
-                deadline.wait(0.05)
+            self._wake.set()
+            deadline = time.monotonic() + timeout
+            while len(self.spool) and time.monotonic() < deadline:
+                time.sleep(0.05)
             info = self.client.publish(f"{self.root}/status", json.dumps({"state": "offline"}),
                                        qos=1, retain=True)
-            info.wait_for_publish(timeout=2.0)
+            try:
+                info.wait_for_publish(timeout=2.0)
+            except RuntimeError:  # the connection went away meanwhile
+                pass
+        self._closing.set()
+        self._wake.set()
+        self._pump_thread.join(timeout=5)
         self.client.disconnect()
         self.client.loop_stop()
 
+    # paho calls these on its network thread, holding its own locks: they only record state
+    # and wake the pump; they never publish or wait (that could deadlock against publish()).
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.warning("MQTT broker %s:%d refused the connection: %s", self.cfg.host,
@@ -90,11 +103,11 @@ class Publisher:
         with self._lock:
             self._inflight.clear()
             self._sent.clear()
+            self._acked.clear()
+            self._announce = True
         self.connected.set()
         self.counters["mqtt_connects"] = self.counters.get("mqtt_connects", 0) + 1
-        client.publish(f"{self.root}/status", json.dumps({"state": "online", **self.status}),
-                       qos=1, retain=True)
-        threading.Thread(target=self.pump, name="spool-pump", daemon=True).start()
+        self._wake.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self.connected.is_set():
@@ -105,36 +118,60 @@ class Publisher:
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
             row = self._inflight.pop(mid, None)
-        if row is not None:
-            self.spool.ack(row)
-            self.counters["alarms_delivered"] = self.counters.get("alarms_delivered", 0) + 1
-            self.pump()
+            if row is None:
+                self._acked.add(mid)  # acknowledged before the pump recorded it
+                return
+        self.spool.ack(row)
+        self.counters["alarms_delivered"] = self.counters.get("alarms_delivered", 0) + 1
+        self._wake.set()
 
     # ----- publishing ------------------------------------------------------------------------
-    def alarm(self, camera: str, payload: dict) -> None:
-        """Spool an alarm, then let the pump publish it in order."""
-        self.spool.put(f"{self.root}/{camera}/alarm", json.dumps(payload).encode())
-        self.pump()
-
-    def pump(self) -> None:
-        """Publish spooled alarms oldest first, keeping at most MAX_INFLIGHT unacknowledged."""
-        if not self.connected.is_set():
-            return
+    def announce(self, status: dict[str, Any]) -> None:
+        """Replace the retained ``online`` status (e.g. after experts were added)."""
         with self._lock:
-            room = MAX_INFLIGHT - len(self._inflight)
-            if room <= 0:
-                return
-            for row, topic, payload in self.spool.pending(limit=room + len(self._sent)):
-                if row in self._sent:
-                    continue
+            self.status = dict(status)
+            self._announce = True
+        self._wake.set()
+
+    def alarm(self, camera: str, payload: dict) -> None:
+        """Spool an alarm; the pump publishes the spool in order."""
+        self.spool.put(f"{self.root}/{camera}/alarm", json.dumps(payload).encode())
+        self._wake.set()
+
+    def _pump(self) -> None:
+        """Publish the status after each connect, then spooled alarms oldest first, keeping at
+        most MAX_INFLIGHT unacknowledged."""
+        while not self._closing.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if not self.connected.is_set():
+                continue
+            with self._lock:
+                announce, self._announce = self._announce, False
+            if announce:
+                self.client.publish(f"{self.root}/status",
+                                    json.dumps({"state": "online", **self.status}), qos=1,
+                                    retain=True)
+            with self._lock:
+                room = MAX_INFLIGHT - len(self._inflight)
+                rows = [r for r in self.spool.pending(limit=max(0, room) + len(self._sent))
+                        if r[0] not in self._sent][:max(0, room)]
+                self._sent.update(r[0] for r in rows)
+            for row, topic, payload in rows:
                 info = self.client.publish(topic, payload, qos=1)
-                if info.rc != 0:  # not connected after all: the rows stay spooled
-                    break
-                self._inflight[info.mid] = row
-                self._sent.add(row)
-                room -= 1
-                if room <= 0:
-                    break
+                if info.rc != 0:  # not connected after all: the row stays spooled
+                    with self._lock:
+                        self._sent.discard(row)
+                    continue
+                with self._lock:
+                    acked = info.mid in self._acked
+                    self._acked.discard(info.mid)
+                    if not acked:
+                        self._inflight[info.mid] = row
+                if acked:
+                    self.spool.ack(row)
+                    self.counters["alarms_delivered"] = \
+                        self.counters.get("alarms_delivered", 0) + 1
 
     def send(self, suffix: str, payload: bytes | str | dict, qos: int = 0) -> bool:
         """Publish a result, map, unknown or event; False (counted) while disconnected."""

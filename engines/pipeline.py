@@ -154,6 +154,10 @@ class Pipeline:
         order = np.argsort(row)
         return next(int(j) for j in order if self.engines.router.names[j] in self.engines.experts)
 
+    def anomaly_map(self, patch_nll: np.ndarray) -> np.ndarray:
+        """One frame's smoothed anomaly map at the input size from its patch-NLL grid."""
+        return anomaly_maps(patch_nll[None], self.engines.size, self.sigma)[0]
+
     def expert_nll(self, name: str, features: np.ndarray) -> np.ndarray:
         return self.engines.experts[name](features)["patch_nll"]
 
