@@ -87,8 +87,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train and evaluate the default sequence on the shared data (or generated images), export
-    the experts to an engine set and calibrate it."""
+    """The main job end to end: train and evaluate the default sequence on the shared data (or
+    generated images), export and calibrate the engine set, then serve it: broker, daemon, a
+    camera replaying the test images, and a summary of what came out on MQTT."""
     data = args.data
     if data is None and SHARED_DATA.is_dir():
         data = SHARED_DATA
@@ -111,6 +112,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(summary(calibrate_engine_set(engines, data, cfg.calibration, threads=cfg.train.threads)))
     print(f"engine set: {engines / 'manifest.json'} (serve it with ONNX Runtime, or build "
           f"TensorRT plans with 'moleflow build --engines {engines}')")
+    from edge.demo import replay
+    line = args.run / "line"
+    result = replay(engines, data, args.tasks, cfg, line)
+    print(result.text())
+    print(f"alarm frames with their regions: {line / 'alarms'}; heat-map overlays: "
+          f"{args.run / 'overlays'}; daemon log: {line / 'daemon.log'}")
     return 0
 
 

@@ -156,6 +156,10 @@ def test_demo_runs_end_to_end_on_a_data_folder(synthetic_root, tmp_path):
     assert classes == ["alpha", "beta", "gamma", "mean"]
     calibration = json.loads((run / "engines" / "calibration.json").read_text())
     assert sorted(calibration["experts"]) == ["alpha", "beta", "gamma"]
+    line = json.loads((run / "line" / "summary.json").read_text())  # served and replayed
+    assert line["frames"] == line["results"] == 3 * 12 and line["defective"] == 18
+    drawn = len(list((run / "line" / "alarms").glob("*.png")))
+    assert line["alarms"] > 0 and drawn == min(line["alarms"], 24)
 
 
 def test_validation_split_is_seeded_disjoint_and_leaves_training_images():

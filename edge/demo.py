@@ -1,0 +1,204 @@
+"""The line in a box: broker, daemon, a camera replaying test images, a SCADA-side listener.
+
+Used by ``moleflow demo`` after it has trained, exported and calibrated: starts an MQTT broker
+(Mosquitto when installed, else the embedded one), ``moleflow serve`` as a child process, a
+camera that sends every test image over ZeroMQ the way imagezmq's default sender does (REQ,
+JSON header + raw BGR), and listens to the results and alarms. Ends with a summary: frames,
+alarms, precision / recall of the alarms against the ground-truth labels, frames/s, latency;
+alarm frames are written with their regions drawn. No torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from edge.config import Config
+from edge.errors import MoleflowError
+
+
+@dataclass
+class DemoSummary:
+    frames: int
+    results: int
+    alarms: int
+    unknown: int
+    true_alarms: int
+    defective: int
+    seconds: float
+    latencies_ms: list[float]
+
+    def text(self) -> str:
+        precision = self.true_alarms / self.alarms if self.alarms else float("nan")
+        recall = self.true_alarms / self.defective if self.defective else float("nan")
+        lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([np.nan])
+        return (f"demo: {self.frames} frames sent, {self.results} results, {self.alarms} alarms "
+                f"({self.unknown} unknown) | alarm precision {precision:.3f}, recall {recall:.3f} "
+                f"against the labels ({self.defective} defective frames) | "
+                f"{self.results / self.seconds:.1f} frames/s over the replay | latency sent->"
+                f"result p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms")
+
+
+def start_broker(folder: Path) -> tuple[object, int]:
+    """Mosquitto on a free loopback port when installed, else the embedded broker."""
+    from edge.bench import free_port, start_mosquitto
+    try:
+        return start_mosquitto(folder)
+    except MoleflowError:
+        from edge.minibroker import MiniBroker
+        broker = MiniBroker("127.0.0.1", free_port())
+        broker.start()
+        return broker, broker.port
+
+
+def stop_broker(broker) -> None:
+    if isinstance(broker, subprocess.Popen):
+        broker.terminate()
+        broker.wait(10)
+    else:
+        broker.stop()
+
+
+def labelled_test_images(data_root: Path, classes: list[str]) -> list[tuple[Path, str, int]]:
+    """(path, class, label) of every test image of ``classes``, classes interleaved."""
+    groups = []
+    for name in classes:
+        items = []
+        for folder in sorted(p for p in (data_root / name / "test").iterdir() if p.is_dir()):
+            for path in sorted(folder.iterdir()):
+                if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
+                    items.append((path, name, 0 if folder.name == "good" else 1))
+        groups.append(items)
+    out = []
+    for i in range(max(len(g) for g in groups)):
+        out += [g[i] for g in groups if i < len(g)]
+    return out
+
+
+def replay(engines: Path, data_root: Path, classes: list[str], cfg: Config, out: Path,
+           rate: float = 0.0) -> DemoSummary:
+    """Serve ``engines`` and replay the classes' test images through it (see module doc).
+
+    The camera keeps at most ``ingest.max_batch`` frames waiting for their result (and at
+    most ``rate`` frames/s when given), so every frame is scored and the summary covers the
+    whole test set."""
+    import paho.mqtt.client as mqtt
+    import zmq
+    from edge.bench import free_port
+    out.mkdir(parents=True, exist_ok=True)
+    broker, mport = start_broker(out)
+    zport = free_port()
+    conf = cfg.to_dict()
+    conf["engines"]["path"] = str(engines)
+    conf["mqtt"].update(port=mport, device_id="demo", map_interval=0.0)
+    conf["ingest"]["endpoints"] = [f"rep+tcp://127.0.0.1:{zport}"]
+    conf["spool"]["path"] = str(out / "alarms.sqlite")
+    conf["metrics"]["port"] = 0
+    (out / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    log_file = open(out / "daemon.log", "wb")
+    daemon = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "--config",
+                               str(out / "config.yaml")], env=env, stdout=log_file,
+                              stderr=subprocess.STDOUT)
+    results: dict[str, dict] = {}
+    alarms: dict[str, dict] = {}
+    lock, online = threading.Lock(), threading.Event()
+
+    def on_message(client, userdata, msg):
+        if msg.topic.endswith("/status"):
+            if json.loads(msg.payload).get("state") == "online":
+                online.set()
+            return
+        payload = json.loads(msg.payload)
+        payload["_received"] = time.time()
+        with lock:
+            (alarms if msg.topic.endswith("/alarm") else results)[payload["frame"]] = payload
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_message = on_message
+    client.on_connect = lambda c, *a: c.subscribe([("moleflow/demo/+/result", 0),
+                                                   ("moleflow/demo/+/alarm", 1),
+                                                   ("moleflow/demo/status", 1)])
+    client.connect("127.0.0.1", mport)
+    client.loop_start()
+    frames = labelled_test_images(data_root, classes)
+    ctx = zmq.Context()
+    camera = ctx.socket(zmq.REQ)
+    camera.setsockopt(zmq.RCVTIMEO, 30000)
+    camera.connect(f"tcp://127.0.0.1:{zport}")
+    try:
+        if not online.wait(180):
+            raise MoleflowError(f"the daemon did not come online (see {out / 'daemon.log'})")
+        start = time.time()
+        window = cfg.ingest.max_batch  # frames in flight: the daemon never has to drop one
+        for i, (path, name, label) in enumerate(frames):
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                with lock:
+                    if i - len(results) < window:
+                        break
+                time.sleep(0.002)
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            header = {"msg": json.dumps({"camera": "demo-cam", "frame": str(i),
+                                         "timestamp": time.time()}),
+                      "dtype": "uint8", "shape": list(bgr.shape)}
+            camera.send_multipart([json.dumps(header).encode(), bgr.tobytes()])
+            if camera.recv() != b"OK":
+                raise MoleflowError("the daemon did not answer OK")
+            if rate > 0:
+                time.sleep(max(0.0, start + (i + 1) / rate - time.time()))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with lock:
+                if len(results) >= len(frames):
+                    break
+            time.sleep(0.05)
+        seconds = max(r["_received"] for r in results.values()) - start if results else 1.0
+    finally:
+        camera.close(0)
+        ctx.term()
+        daemon.terminate()
+        try:
+            daemon.wait(60)
+        finally:
+            log_file.close()
+        client.loop_stop()
+        client.disconnect()
+        stop_broker(broker)
+    _draw_alarms(frames, alarms, out / "alarms")
+    labels = {str(i): label for i, (_, _, label) in enumerate(frames)}
+    summary = DemoSummary(
+        frames=len(frames), results=len(results), alarms=len(alarms),
+        unknown=sum(bool(r.get("unknown")) for r in results.values()),
+        true_alarms=sum(labels[f] for f in alarms), defective=sum(labels.values()),
+        seconds=seconds, latencies_ms=[1000 * (r["_received"] - r["sent_at"])
+                                       for r in results.values() if r.get("sent_at")])
+    (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=1))
+    return summary
+
+
+def _draw_alarms(frames, alarms: dict[str, dict], folder: Path, limit: int = 24) -> None:
+    """Alarm frames with their anomalous regions drawn (the first ``limit``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for key in sorted(alarms, key=int)[:limit]:
+        path, name, label = frames[int(key)]
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        h, w = img.shape[:2]
+        for r in alarms[key].get("regions", []):
+            x0, y0, x1, y1 = r["box"]
+            cv2.rectangle(img, (int(x0 * w), int(y0 * h)), (int(x1 * w), int(y1 * h)),
+                          (0, 0, 255), 2)
+        a = alarms[key]
+        text = f"{name} {path.parent.name} score {a['score']:.2f}"
+        cv2.putText(img, text, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
+        cv2.imwrite(str(folder / f"{int(key):04d}_{name}_{path.parent.name}_{path.stem}.png"), img)
