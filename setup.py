@@ -19,7 +19,8 @@ setup(
         "edge": ["numpy>=1.24", "opencv-python-headless>=4.8", "pyzmq>=25", "paho-mqtt>=2.0",
                  "pyyaml>=6", "onnxruntime>=1.17"],
         "trt": ["tensorrt>=10.3", "pycuda>=2024.1"],
-        "dev": ["pytest>=8", "scikit-learn>=1.3", "scipy>=1.10", "imagezmq>=1.1"],
+        "dev": ["pytest>=8", "scikit-learn>=1.3", "scipy>=1.10", "imagezmq>=1.1",
+                "jsonschema>=4"],
     },
     entry_points={"console_scripts": ["moleflow=edge.cli:main"]},
 )

@@ -79,3 +79,16 @@ def real_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
                              "train.val_fraction": 0.2})
     results = train_tasks(root / "run", data, ["bottle", "transistor"], cfg, progress=False)
     return root / "run", data, results
+
+
+@pytest.fixture(scope="session")
+def real_engine_set(real_run, tmp_path_factory):
+    """The real run exported and calibrated: (run, data, engine-set folder)."""
+    from calibration.calibrate import calibrate_engine_set
+    from edge.config import CalibrationConfig
+    from engines.export import export_engine_set
+    run, data, _ = real_run
+    out = tmp_path_factory.mktemp("real_engines") / "line1"
+    export_engine_set(run, out)
+    calibrate_engine_set(out, data, CalibrationConfig())
+    return run, data, out

@@ -101,3 +101,14 @@ class Listener:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" /
+                     "mqtt-payloads.schema.json").read_text())
+
+
+def check_payload(kind: str, payload: dict) -> None:
+    """Validate a payload against its JSON schema in docs/mqtt-payloads.schema.json."""
+    import jsonschema
+    schema = {"$defs": SCHEMA["$defs"], "$ref": f"#/$defs/{kind}"}
+    jsonschema.validate(payload, schema)

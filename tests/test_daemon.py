@@ -23,7 +23,7 @@ from engines.pipeline import EngineSet, Pipeline
 from train.continual import train_tasks
 from train.data import load_class, load_images
 
-from tests.daemon_helpers import Broker, Listener, free_port
+from tests.daemon_helpers import Broker, Listener, check_payload, free_port
 
 imagezmq = pytest.importorskip("imagezmq", reason="imagezmq is a test dependency ('.[dev]')")
 zmq = pytest.importorskip("zmq", reason="pyzmq is part of the edge extra")
@@ -103,6 +103,10 @@ def test_req_rep_raw_and_jpeg_frames_become_results_and_alarms(engine_set, broke
             assert 0.0 <= r["score"] <= 1.0 and r["latency_ms"]["total"] > 0
         alarms = listener.json("cam1/alarm")
         assert len(alarms) == sum(r["decision"] == "anomalous" for r in results) > 0
+        for r in results:
+            check_payload("result", r)
+        for a in alarms:
+            check_payload("alarm", a)
         assert all(a["regions"] and set(a["regions"][0]) >= {"x", "y", "w", "h", "box"}
                    for a in alarms)
     finally:
@@ -110,6 +114,8 @@ def test_req_rep_raw_and_jpeg_frames_become_results_and_alarms(engine_set, broke
         listener.close()
     status = [json.loads(p) for t, p, _ in listener.messages if t.endswith("/status")]
     assert status[0]["state"] == "online" and status[0]["experts"] == ["alpha", "beta"]
+    for st in status:
+        check_payload("status", st)
     assert status[-1]["state"] == "offline"  # published on a clean stop
 
 
@@ -166,6 +172,8 @@ def test_hostile_frames_are_reported_and_scoring_goes_on(engine_set, broker, tmp
         assert listener.wait_for("cam3/result", 1)[0]["frame"] == "good"
         events = listener.wait_for("/events", len(hostile))
         text = " ".join(e["detail"] for e in events)
+        for e in events:
+            check_payload("event", e)
         for reason in ("not JSON", "truncated", "dtype must be uint8", "buffer has 100 bytes",
                        "exceeds ingest.max_message_bytes", "expected 2 message parts"):
             assert reason in text
@@ -287,6 +295,7 @@ def test_reload_adds_an_expert_while_frames_flow(engine_set, broker, tmp_path, s
         run.daemon.reload()
         event = next(e for e in listener.wait_for("/events", 1) if e["event"] == "engines_reloaded")
         assert event["added"] == ["beta"]
+        check_payload("event", event)
         n = len(listener.json("cam5/result"))
         listener.wait_for("cam5/result", n + 3)          # frames kept flowing
         stop.set()

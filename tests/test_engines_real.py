@@ -18,7 +18,7 @@ from train.data import load_class, load_images
 @pytest.fixture(scope="module")
 def real_engines(real_run, tmp_path_factory):
     run, data, _ = real_run
-    out = tmp_path_factory.mktemp("real_engines") / "line1"
+    out = tmp_path_factory.mktemp("real_engines_cli") / "line1"
     assert main(["export", "--run", str(run), "--out", str(out), "--quiet"]) == 0
     return run, data, out
 
