@@ -45,12 +45,13 @@ class DaemonBench:
     def lines(self) -> str:
         mode = (f"full rate ({self.window} frames in flight)" if self.rate <= 0
                 else f"{self.rate:.0f} frames/s offered")
-        overhead = 100.0 * (1.0 - self.fps / self.bare_fps) if self.bare_fps else float("nan")
-        return (f"bare pipeline (batch scoring, no sockets): {self.bare_fps:.1f} frames/s\n"
+        text = (f"bare pipeline (batch scoring, no sockets): {self.bare_fps:.1f} frames/s\n"
                 f"daemon, {mode}: sent {self.sent}, results {self.results}, dropped "
                 f"{self.dropped} | {self.fps:.1f} frames/s | latency sent->MQTT result p50 "
-                f"{self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms | throughput overhead vs bare "
-                f"{overhead:.1f} %")
+                f"{self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms")
+        if self.rate <= 0 and self.bare_fps:  # at a set rate throughput is the rate itself
+            text += f" | throughput overhead vs bare {100.0 * (1 - self.fps / self.bare_fps):.1f} %"
+        return text
 
 
 def free_port() -> int:
