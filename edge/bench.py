@@ -1,9 +1,9 @@
 """``moleflow bench-daemon``: the running daemon driven by a sender process, timed end to end.
 
-Starts Mosquitto on a free loopback port and ``moleflow serve`` as a child process (as systemd
-would), then a sender process pushes real frames over ZeroMQ (raw BGR at the engine's input
-size, each stamped with its send time) at full rate or a set rate, while this process listens
-on MQTT. Latency is frame sent -> result received here. The bare pipeline (the same engine
+Serves the engine set with Mosquitto and ``moleflow serve`` as a child process, as systemd
+would (``edge.harness``); a sender process pushes real frames over ZeroMQ (raw BGR at the
+engine's input size, each stamped with its send time) at full rate or a set rate, while this
+process listens on MQTT. Latency is frame sent -> result received here. The bare pipeline (the same engine
 set, batches of ``ingest.max_batch``, no sockets, no MQTT) is timed first, alone, for the
 overhead figure. No torch.
 """
@@ -12,11 +12,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from edge.config import Config
 from edge.errors import MoleflowError
+from edge.harness import served
 
 
 @dataclass
@@ -52,32 +47,6 @@ class DaemonBench:
         if self.rate <= 0 and self.bare_fps:  # at a set rate throughput is the rate itself
             text += f" | throughput overhead vs bare {100.0 * (1 - self.fps / self.bare_fps):.1f} %"
         return text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mosquitto(folder: Path) -> tuple[subprocess.Popen, int]:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(exe).exists():
-        raise MoleflowError("bench-daemon needs the mosquitto broker (apt-get install mosquitto)")
-    port = free_port()
-    conf = folder / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise MoleflowError("mosquitto did not start")
 
 
 def bare_fps(engines_dir: Path, frames: np.ndarray, batch: int, seconds: float) -> float:
@@ -144,86 +113,42 @@ def load_frames(engines_dir: Path, data_root: Path, per_class: int = 16) -> np.n
 
 def bench_daemon(engines_dir: Path, frames: np.ndarray, cfg: Config, seconds: float = 20.0,
                  rate: float = 0.0) -> DaemonBench:
-    import paho.mqtt.client as mqtt
     bare = bare_fps(engines_dir, frames, cfg.ingest.max_batch, min(seconds, 10.0))
+    window = cfg.ingest.max_batch + 2
+    latencies: list[float] = []
+    received: list[float] = []
+    ctx = mp.get_context("spawn")
+    done, sent = ctx.Value("i", 0), ctx.Value("i", 0)
+    lock = threading.Lock()
+
+    def on_result(topic: str, payload: bytes) -> None:
+        now = time.time()
+        r = json.loads(payload)
+        with lock:
+            received.append(now)
+            done.value = len(received)
+            if r.get("sent_at"):
+                latencies.append(now - r["sent_at"])
+
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
-        broker, mport = start_mosquitto(tmpdir)
-        zport = free_port()
-        conf = cfg.to_dict()
-        conf["engines"]["path"] = str(engines_dir)
-        conf["mqtt"].update(port=mport, device_id="bench")
-        conf["ingest"]["endpoints"] = [f"pull+tcp://127.0.0.1:{zport}"]
-        conf["spool"]["path"] = str(tmpdir / "spool.sqlite")
-        conf["metrics"]["port"] = 0
-        conf["logging"]["json"] = False
-        (tmpdir / "config.yaml").write_text(yaml.safe_dump(conf))
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-        log_path = tmpdir / "daemon.log"
-        log_file = open(log_path, "wb")
-        daemon = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "--config",
-                                   str(tmpdir / "config.yaml")], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=log_file)
-        latencies: list[float] = []
-        received: list[float] = []
-        ctx = mp.get_context("spawn")
-        done = ctx.Value("i", 0)
-        lock = threading.Lock()
-        online = threading.Event()
-
-        def on_message(client, userdata, msg):
-            now = time.time()
-            if msg.topic.endswith("/status"):
-                if json.loads(msg.payload).get("state") == "online":
-                    online.set()
-                return
-            r = json.loads(msg.payload)
-            with lock:
-                received.append(now)
-                done.value = len(received)
-                if r.get("sent_at"):
-                    latencies.append(now - r["sent_at"])
-
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        client.on_message = on_message
-        client.on_connect = lambda c, *a: c.subscribe([("moleflow/bench/+/result", 0),
-                                                       ("moleflow/bench/status", 1)])
-        client.connect("127.0.0.1", mport)
-        client.loop_start()
-        try:
-            if not online.wait(120):
-                raise MoleflowError("the daemon did not come online: "
-                                    + log_path.read_text()[-2000:])
+        with served(engines_dir, cfg, tmpdir, "pull", "bench", [("+/result", 0)], on_result,
+                    settings={"logging": {"json": False}}) as zport:
             frames_path = tmpdir / "frames.npy"
             np.save(frames_path, frames)
-            sent = ctx.Value("i", 0)
             proc = ctx.Process(target=_sender, args=(
-                f"tcp://127.0.0.1:{zport}", str(frames_path), seconds, rate,
-                cfg.ingest.max_batch + 2, sent, done))
+                f"tcp://127.0.0.1:{zport}", str(frames_path), seconds, rate, window, sent,
+                done))
             start = time.time()
             proc.start()
             proc.join(seconds + 60)
             time.sleep(2.0)  # let the last results arrive
             with lock:
-                window = [t for t in received if start + 2 <= t <= start + seconds]
+                in_window = [t for t in received if start + 2 <= t <= start + seconds]
                 lat = np.asarray(latencies[len(latencies) // 10:]) * 1000  # skip warm-up
                 n_results = len(received)
-            fps = len(window) / max(seconds - 2, 1e-9)
-        finally:
-            client.loop_stop()
-            client.disconnect()
-            daemon.terminate()
-            try:
-                daemon.wait(60)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                raise MoleflowError("the daemon did not stop within 60 s of SIGTERM: "
-                                    + log_path.read_text()[-3000:]) from None
-            finally:
-                log_file.close()
-            broker.terminate()
-            broker.wait(10)
+    fps = len(in_window) / max(seconds - 2, 1e-9)
     return DaemonBench(bare, int(sent.value), n_results, fps,
                        float(np.percentile(lat, 50)) if len(lat) else float("nan"),
                        float(np.percentile(lat, 99)) if len(lat) else float("nan"),
-                       int(sent.value) - n_results, rate, cfg.ingest.max_batch + 2)
+                       int(sent.value) - n_results, rate, window)

@@ -11,9 +11,6 @@ alarm frames are written with their regions drawn. No torch.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -21,10 +18,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
 from edge.config import Config
 from edge.errors import MoleflowError
+from edge.harness import served
 
 
 @dataclass
@@ -47,26 +44,6 @@ class DemoSummary:
                 f"against the labels ({self.defective} defective frames) | "
                 f"{self.results / self.seconds:.1f} frames/s over the replay | latency sent->"
                 f"result p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms")
-
-
-def start_broker(folder: Path) -> tuple[object, int]:
-    """Mosquitto on a free loopback port when installed, else the embedded broker."""
-    from edge.bench import free_port, start_mosquitto
-    try:
-        return start_mosquitto(folder)
-    except MoleflowError:
-        from edge.minibroker import MiniBroker
-        broker = MiniBroker("127.0.0.1", free_port())
-        broker.start()
-        return broker, broker.port
-
-
-def stop_broker(broker) -> None:
-    if isinstance(broker, subprocess.Popen):
-        broker.terminate()
-        broker.wait(10)
-    else:
-        broker.stop()
 
 
 def labelled_test_images(data_root: Path, classes: list[str]) -> list[tuple[Path, str, int]]:
@@ -92,89 +69,53 @@ def replay(engines: Path, data_root: Path, classes: list[str], cfg: Config, out:
     The camera keeps at most ``ingest.max_batch`` frames waiting for their result (and at
     most ``rate`` frames/s when given), so every frame is scored and the summary covers the
     whole test set."""
-    import paho.mqtt.client as mqtt
     import zmq
-    from edge.bench import free_port
-    out.mkdir(parents=True, exist_ok=True)
-    broker, mport = start_broker(out)
-    zport = free_port()
-    conf = cfg.to_dict()
-    conf["engines"]["path"] = str(engines)
-    conf["mqtt"].update(port=mport, device_id="demo", map_interval=0.0)
-    conf["ingest"]["endpoints"] = [f"rep+tcp://127.0.0.1:{zport}"]
-    conf["spool"]["path"] = str(out / "alarms.sqlite")
-    conf["metrics"]["port"] = 0
-    (out / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    log_file = open(out / "daemon.log", "wb")
-    daemon = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "--config",
-                               str(out / "config.yaml")], env=env, stdout=log_file,
-                              stderr=subprocess.STDOUT)
     results: dict[str, dict] = {}
     alarms: dict[str, dict] = {}
-    lock, online = threading.Lock(), threading.Event()
+    lock = threading.Lock()
 
-    def on_message(client, userdata, msg):
-        if msg.topic.endswith("/status"):
-            if json.loads(msg.payload).get("state") == "online":
-                online.set()
-            return
-        payload = json.loads(msg.payload)
-        payload["_received"] = time.time()
+    def on_message(topic: str, payload: bytes) -> None:
+        message = json.loads(payload)
+        message["_received"] = time.time()
         with lock:
-            (alarms if msg.topic.endswith("/alarm") else results)[payload["frame"]] = payload
+            (alarms if topic.endswith("/alarm") else results)[message["frame"]] = message
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    client.on_message = on_message
-    client.on_connect = lambda c, *a: c.subscribe([("moleflow/demo/+/result", 0),
-                                                   ("moleflow/demo/+/alarm", 1),
-                                                   ("moleflow/demo/status", 1)])
-    client.connect("127.0.0.1", mport)
-    client.loop_start()
     frames = labelled_test_images(data_root, classes)
-    ctx = zmq.Context()
-    camera = ctx.socket(zmq.REQ)
-    camera.setsockopt(zmq.RCVTIMEO, 30000)
-    camera.connect(f"tcp://127.0.0.1:{zport}")
-    try:
-        if not online.wait(180):
-            raise MoleflowError(f"the daemon did not come online (see {out / 'daemon.log'})")
-        start = time.time()
-        window = cfg.ingest.max_batch  # frames in flight: the daemon never has to drop one
-        for i, (path, name, label) in enumerate(frames):
+    with served(engines, cfg, out, "rep", "demo", [("+/result", 0), ("+/alarm", 1)],
+                on_message, settings={"mqtt": {"map_interval": 0.0}}, embedded_ok=True) as zport:
+        ctx = zmq.Context()
+        camera = ctx.socket(zmq.REQ)
+        camera.setsockopt(zmq.RCVTIMEO, 30000)
+        camera.connect(f"tcp://127.0.0.1:{zport}")
+        try:
+            start = time.time()
+            window = cfg.ingest.max_batch  # frames in flight: the daemon never has to drop one
+            for i, (path, name, label) in enumerate(frames):
+                deadline = time.time() + 60
+                while time.time() < deadline:
+                    with lock:
+                        if i - len(results) < window:
+                            break
+                    time.sleep(0.002)
+                bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+                header = {"msg": json.dumps({"camera": "demo-cam", "frame": str(i),
+                                             "timestamp": time.time()}),
+                          "dtype": "uint8", "shape": list(bgr.shape)}
+                camera.send_multipart([json.dumps(header).encode(), bgr.tobytes()])
+                if camera.recv() != b"OK":
+                    raise MoleflowError("the daemon did not answer OK")
+                if rate > 0:
+                    time.sleep(max(0.0, start + (i + 1) / rate - time.time()))
             deadline = time.time() + 60
             while time.time() < deadline:
                 with lock:
-                    if i - len(results) < window:
+                    if len(results) >= len(frames):
                         break
-                time.sleep(0.002)
-            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            header = {"msg": json.dumps({"camera": "demo-cam", "frame": str(i),
-                                         "timestamp": time.time()}),
-                      "dtype": "uint8", "shape": list(bgr.shape)}
-            camera.send_multipart([json.dumps(header).encode(), bgr.tobytes()])
-            if camera.recv() != b"OK":
-                raise MoleflowError("the daemon did not answer OK")
-            if rate > 0:
-                time.sleep(max(0.0, start + (i + 1) / rate - time.time()))
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            with lock:
-                if len(results) >= len(frames):
-                    break
-            time.sleep(0.05)
-        seconds = max(r["_received"] for r in results.values()) - start if results else 1.0
-    finally:
-        camera.close(0)
-        ctx.term()
-        daemon.terminate()
-        try:
-            daemon.wait(60)
+                time.sleep(0.05)
         finally:
-            log_file.close()
-        client.loop_stop()
-        client.disconnect()
-        stop_broker(broker)
+            camera.close(0)
+            ctx.term()
+    seconds = max(r["_received"] for r in results.values()) - start if results else 1.0
     _draw_alarms(frames, alarms, out / "alarms")
     labels = {str(i): label for i, (_, _, label) in enumerate(frames)}
     summary = DemoSummary(

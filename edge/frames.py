@@ -32,7 +32,6 @@ class Frame:
     sent_at: float | None          # sender's timestamp (seconds since the epoch), if given
     received_at: float = field(default_factory=time.time)
     product: str | None = None     # hint that bypasses the router
-    encoding: str = "raw"
 
 
 def parse_msg(msg: object) -> tuple[str, str, float | None, str | None]:
@@ -81,14 +80,14 @@ def decode(parts: list[bytes], size: int, max_bytes: int, max_side: int,
         raise FrameError("header must be a JSON object with a 'msg' field")
     camera, frame_id, stamp, product = parse_msg(header["msg"])
     if "shape" in header or "dtype" in header:
-        image, encoding = _raw(header, buf, max_side), "raw"
+        image = _raw(header, buf, max_side)
     else:
-        image, encoding = _jpeg(buf, max_side), "jpeg"
+        image = _jpeg(buf, max_side)
     if image.shape[:2] != (size, size):
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return Frame(camera, frame_id, rgb, stamp, received_at=received_at or time.time(),
-                 product=product, encoding=encoding)
+                 product=product)
 
 
 def _raw(header: dict, buf: bytes, max_side: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engines.bench_ort import time_per_frame
 from engines.imaging import anomaly_maps, image_scores, preprocess
 from train.backbone import FeatureExtractor
 from train.bundle import RunBundle
@@ -72,22 +73,6 @@ class EagerPipeline:
         return {"backbone": t1 - t0, "router": t2 - t1, "expert": t3 - t2, "postprocess": t4 - t3}
 
 
-def _time(fn, frames: np.ndarray, batch: int, rounds: int) -> tuple[float, dict[str, float]]:
-    """Median ms per frame over ``rounds`` passes through ``frames`` in batches of ``batch``."""
-    n = (len(frames) // batch) * batch
-    for i in range(0, n, batch):  # warm-up pass: allocations, first-call kernels, caches
-        fn(frames[i:i + batch])
-    per_round, stages = [], {}
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for i in range(0, n, batch):
-            for k, v in fn(frames[i:i + batch]).items():
-                stages[k] = stages.get(k, 0.0) + v
-        per_round.append(time.perf_counter() - t0)
-    return (1000.0 * float(np.median(per_round)) / n,
-            {k: 1000.0 * v / (n * rounds) for k, v in stages.items()})
-
-
 def _ort_rows(engines_dir: Path, frames: np.ndarray, threads: int, rounds: int,
               names: list[str]) -> list[BenchRow]:
     """ONNX Runtime timings from a fresh process (see engines/bench_ort.py)."""
@@ -121,7 +106,7 @@ def bench_engines(run_dir: Path, engines_dir: Path, data_root: Path | None, thre
     for experts in sorted({1, n_all}):
         eager = EagerPipeline(bundle, experts)
         for batch in (1, 8):
-            ms, st = _time(eager.score, frames, batch, rounds)
+            ms, st = time_per_frame(eager.score, frames, batch, rounds)
             rows.append(BenchRow("PyTorch eager", batch, experts, ms, st))
     for experts in sorted({1, n_all}):
         rows += _ort_rows(engines_dir, frames, threads or 0, rounds,

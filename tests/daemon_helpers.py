@@ -3,54 +3,23 @@
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from edge.harness import Mosquitto, free_port, mosquitto_path
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["Broker", "Listener", "check_payload", "free_port"]
 
 
-class Broker:
-    """Mosquitto on a free loopback port, with persistence so sessions survive a restart."""
-
-    def __init__(self, folder: Path) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(exe).exists():
-            pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
-        self.exe, self.folder, self.port = exe, folder, free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        self.conf = folder / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                             f"persistence true\npersistence_location {folder}/\n"
-                             "autosave_interval 1\n")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Broker":
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
+def Broker(folder: Path) -> Mosquitto:
+    """Mosquitto on a free loopback port, with persistence so sessions survive a restart;
+    skips the test where Mosquitto is not installed."""
+    if mosquitto_path() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
+    return Mosquitto(folder, persistence=True)
 
 
 class Listener:

@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from calibration.calibrate import calibrate_engine_set
-from edge.cli import main
 from edge.config import CalibrationConfig
 from engines.pipeline import EngineSet, Pipeline
 from engines.verify import verify_engine_set
 from train.data import load_class, load_images
 
 
-@pytest.fixture(scope="module")
-def real_engines(real_run, tmp_path_factory):
-    run, data, _ = real_run
-    out = tmp_path_factory.mktemp("real_engines_cli") / "line1"
-    assert main(["export", "--run", str(run), "--out", str(out), "--quiet"]) == 0
-    return run, data, out
-
-
-def test_exported_pipeline_matches_pytorch_and_fp16_is_safe(real_engines):
-    run, data, out = real_engines
+def test_exported_pipeline_matches_pytorch_and_fp16_is_safe(real_engine_set):
+    run, data, out = real_engine_set
     checks = verify_engine_set(run, out, data)
     assert [c.name for c in checks] == ["bottle", "transistor"]
     for c in checks:
@@ -38,9 +27,9 @@ def test_exported_pipeline_matches_pytorch_and_fp16_is_safe(real_engines):
         assert abs(c.fp16_pixel_auroc - c.onnx_pixel_auroc) <= 0.005, c.line()
 
 
-def test_calibration_thresholds_hold_on_unseen_normals(real_engines):
-    run, data, out = real_engines
-    reports = calibrate_engine_set(out, data, CalibrationConfig())
+def test_calibration_thresholds_hold_on_unseen_normals(real_engine_set):
+    run, data, out = real_engine_set
+    reports = calibrate_engine_set(out, data, CalibrationConfig(), force=True)
     assert {r.name for r in reports} == {"bottle", "transistor"}
     for r in reports:
         assert r.calibration.n_images == 13 and r.refitted
