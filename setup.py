@@ -17,7 +17,7 @@ setup(
                           # export (torch.onnx's exporter needs onnxscript) and parity checks
                           "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.17"],
         "edge": ["numpy>=1.24", "opencv-python-headless>=4.8", "pyzmq>=25", "paho-mqtt>=2.0",
-                 "pyyaml>=6", "onnxruntime>=1.17"],
+                 "pyyaml>=6", "onnxruntime>=1.17", "threadpoolctl>=3.1"],
         "trt": ["tensorrt>=10.3", "pycuda>=2024.1"],
         "dev": ["pytest>=8", "scikit-learn>=1.3", "scipy>=1.10", "imagezmq>=1.1",
                 "jsonschema>=4"],

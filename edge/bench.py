@@ -3,9 +3,9 @@
 Serves the engine set with Mosquitto and ``moleflow serve`` as a child process, as systemd
 would (``edge.harness``); a sender process pushes real frames over ZeroMQ (raw BGR at the
 engine's input size, each stamped with its send time) at full rate or a set rate, while this
-process listens on MQTT. Latency is frame sent -> result received here. The bare pipeline (the same engine
-set, batches of ``ingest.max_batch``, no sockets, no MQTT) is timed first, alone, for the
-overhead figure. No torch.
+process listens on MQTT. Latency is frame sent -> result received here. The bare pipeline
+(the same engine set, scoring workers and batches as the daemon's, no sockets, no MQTT) is
+timed alone before each daemon window, for the overhead figure. No torch.
 """
 
 from __future__ import annotations
@@ -26,44 +26,85 @@ from edge.harness import served
 
 
 @dataclass
-class DaemonBench:
+class Round:
+    """One bare-pipeline window and the daemon window right after it."""
     bare_fps: float
+    fps: float
+
+    @property
+    def overhead(self) -> float:
+        return 1.0 - self.fps / self.bare_fps if self.bare_fps else float("nan")
+
+
+@dataclass
+class DaemonBench:
+    rounds: list[Round]
     sent: int
     results: int
-    fps: float
     p50_ms: float
     p99_ms: float
     dropped: int
     rate: float
     window: int = 0
 
+    @property
+    def bare_fps(self) -> float:
+        return float(np.median([r.bare_fps for r in self.rounds]))
+
+    @property
+    def fps(self) -> float:
+        return float(np.median([r.fps for r in self.rounds]))
+
+    @property
+    def overhead(self) -> float:
+        """Median of the rounds' overheads: each compares the daemon with the bare pipeline
+        measured just before it, so slow and fast spells of the machine do not mix."""
+        return float(np.median([r.overhead for r in self.rounds]))
+
     def lines(self) -> str:
         mode = (f"full rate ({self.window} frames in flight)" if self.rate <= 0
                 else f"{self.rate:.0f} frames/s offered")
-        text = (f"bare pipeline (batch scoring, no sockets): {self.bare_fps:.1f} frames/s\n"
+        full = self.rate <= 0  # at a set rate throughput is the rate itself
+        rows = [f"round {i + 1}: bare pipeline {r.bare_fps:.1f} frames/s, daemon {r.fps:.1f} "
+                f"frames/s" + (f" (overhead {100 * r.overhead:.1f} %)" if full else "")
+                for i, r in enumerate(self.rounds)]
+        text = (f"bare pipeline (batch scoring, no sockets): {self.bare_fps:.1f} frames/s "
+                f"(median of {len(self.rounds)} rounds)\n"
                 f"daemon, {mode}: sent {self.sent}, results {self.results}, dropped "
                 f"{self.dropped} | {self.fps:.1f} frames/s | latency sent->MQTT result p50 "
                 f"{self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms")
-        if self.rate <= 0 and self.bare_fps:  # at a set rate throughput is the rate itself
-            text += f" | throughput overhead vs bare {100.0 * (1 - self.fps / self.bare_fps):.1f} %"
-        return text
+        if full:
+            text += f" | throughput overhead vs bare {100.0 * self.overhead:.1f} % (median)"
+        return "\n".join(rows + [text])
 
 
-def bare_fps(engines_dir: Path, frames: np.ndarray, batch: int, seconds: float) -> float:
-    from engines.pipeline import EngineSet, Pipeline
-    pipe = Pipeline(EngineSet.open(engines_dir), with_maps=False)  # as the daemon runs it
-    for i in range(0, len(frames) - batch + 1, batch):  # warm-up
+def bare_fps(pipe, frames: np.ndarray, batch: int, seconds: float, workers: int = 1) -> float:
+    """Frames/s of ``pipe`` (as the daemon runs it: no maps, ``workers`` threads each scoring
+    its own batches) on ``frames``."""
+    starts = list(range(0, len(frames) - batch + 1, batch))
+    for i in starts:  # warm-up
         pipe.score(frames[i:i + batch])
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for i in range(0, len(frames) - batch + 1, batch):
+    counts = [0] * workers
+    t0 = time.perf_counter()
+
+    def work(k: int) -> None:
+        j = k
+        while time.perf_counter() - t0 < seconds:
+            i = starts[j % len(starts)]
             pipe.score(frames[i:i + batch])
-            n += batch
-    return n / (time.perf_counter() - t0)
+            counts[k] += batch
+            j += workers
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
 
 
 def _sender(address: str, frames_path: str, seconds: float, rate: float, window: int, sent,
-            received) -> None:
+            received, offset: int = 0) -> None:
     """Child process: PUSH frames (RGB -> BGR raw) stamped with their send time.
 
     At full rate (``rate`` 0) it keeps ``window`` frames in flight (sent, no result yet): as
@@ -76,14 +117,14 @@ def _sender(address: str, frames_path: str, seconds: float, rate: float, window:
     sock.connect(address)
     t0, i = time.time(), 0
     while time.time() - t0 < seconds:
-        if rate <= 0 and i - received.value >= window:
-            time.sleep(0.0002)
+        if rate <= 0 and i - (received.value - offset) >= window:
+            time.sleep(0.001)  # 1 ms against a ~200 ms window; finer polling eats a core
             continue
         bgr = frames[i % len(frames)]
         header = {"msg": json.dumps({"camera": "bench", "frame": str(i),
                                      "timestamp": time.time()}),
                   "dtype": "uint8", "shape": list(bgr.shape)}
-        sock.send_multipart([json.dumps(header).encode(), bgr.tobytes()])
+        sock.send_multipart([json.dumps(header).encode(), bgr], copy=False)
         i += 1
         if rate > 0:
             time.sleep(max(0.0, t0 + i / rate - time.time()))
@@ -112,14 +153,27 @@ def load_frames(engines_dir: Path, data_root: Path, per_class: int = 16) -> np.n
 
 
 def bench_daemon(engines_dir: Path, frames: np.ndarray, cfg: Config, seconds: float = 20.0,
-                 rate: float = 0.0) -> DaemonBench:
-    bare = bare_fps(engines_dir, frames, cfg.ingest.max_batch, min(seconds, 10.0))
-    window = cfg.ingest.max_batch + 2
+                 rate: float = 0.0, rounds: int = 3) -> DaemonBench:
+    """``rounds`` times: the bare pipeline alone for a third of ``seconds``, then the daemon
+    driven by a fresh sender process for ``seconds`` (this VM's speed drifts by tens of per
+    cent within minutes, so each daemon window is compared with the bare one next to it)."""
+    from engines.pipeline import EngineSet, Pipeline
+    from engines.runtime import limit_library_threads, parallelism
+    workers, threads = parallelism(cfg.engines.backend, cfg.engines.workers, cfg.engines.threads)
+    limit_library_threads(threads)
+    pipe = Pipeline(EngineSet.open(engines_dir, backend=cfg.engines.backend,  # as the daemon
+                                   precision=cfg.engines.precision, threads=threads),
+                    with_maps=False)
+    # Full rate: enough frames in flight that a full batch waits for every worker whenever
+    # its last one is done (two batches each), never more than the queue holds (no drops).
+    window = min(2 * workers * cfg.ingest.max_batch, cfg.ingest.queue_size)
     latencies: list[float] = []
     received: list[float] = []
     ctx = mp.get_context("spawn")
-    done, sent = ctx.Value("i", 0), ctx.Value("i", 0)
+    done = ctx.Value("i", 0)
     lock = threading.Lock()
+    out: list[Round] = []
+    sent_total = 0
 
     def on_result(topic: str, payload: bytes) -> None:
         now = time.time()
@@ -128,27 +182,42 @@ def bench_daemon(engines_dir: Path, frames: np.ndarray, cfg: Config, seconds: fl
             received.append(now)
             done.value = len(received)
             if r.get("sent_at"):
-                latencies.append(now - r["sent_at"])
+                latencies.append((now, now - r["sent_at"]))
 
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
+        frames_path = tmpdir / "frames.npy"
+        np.save(frames_path, frames)
         with served(engines_dir, cfg, tmpdir, "pull", "bench", [("+/result", 0)], on_result,
                     settings={"logging": {"json": False}}) as zport:
-            frames_path = tmpdir / "frames.npy"
-            np.save(frames_path, frames)
-            proc = ctx.Process(target=_sender, args=(
-                f"tcp://127.0.0.1:{zport}", str(frames_path), seconds, rate, window, sent,
-                done))
-            start = time.time()
-            proc.start()
-            proc.join(seconds + 60)
-            time.sleep(2.0)  # let the last results arrive
+            warm_until = 0.0
+            for _ in range(max(1, rounds)):
+                bare = bare_fps(pipe, frames, cfg.ingest.max_batch, max(seconds / 3, 2.0),
+                                workers)
+                with lock:
+                    before = len(received)
+                sent = ctx.Value("i", 0)
+                proc = ctx.Process(target=_sender, args=(
+                    f"tcp://127.0.0.1:{zport}", str(frames_path), seconds, rate, window, sent,
+                    done, before))
+                start = time.time()
+                warm_until = warm_until or start + 2  # the first frames load caches
+                proc.start()
+                proc.join(seconds + 60)
+                deadline = time.time() + 10  # let the last results arrive
+                while time.time() < deadline:
+                    with lock:
+                        if len(received) - before >= sent.value:
+                            break
+                    time.sleep(0.05)
+                sent_total += int(sent.value)
+                with lock:  # results inside the sending window, after a 1 s ramp
+                    n = sum(1 for t in received[before:] if start + 1 <= t <= start + seconds)
+                out.append(Round(bare, n / max(seconds - 1, 1e-9)))
             with lock:
-                in_window = [t for t in received if start + 2 <= t <= start + seconds]
-                lat = np.asarray(latencies[len(latencies) // 10:]) * 1000  # skip warm-up
+                lat = np.asarray([v for t, v in latencies if t >= warm_until]) * 1000
                 n_results = len(received)
-    fps = len(in_window) / max(seconds - 2, 1e-9)
-    return DaemonBench(bare, int(sent.value), n_results, fps,
+    return DaemonBench(out, sent_total, n_results,
                        float(np.percentile(lat, 50)) if len(lat) else float("nan"),
                        float(np.percentile(lat, 99)) if len(lat) else float("nan"),
-                       int(sent.value) - n_results, rate, window)
+                       sent_total - n_results, rate, window)

@@ -211,7 +211,8 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from edge.bench import bench_daemon, load_frames
     frames = load_frames(args.engines, _data_root(args, cfg))
-    print(bench_daemon(args.engines, frames, cfg, seconds=args.seconds, rate=args.rate).lines())
+    print(bench_daemon(args.engines, frames, cfg, seconds=args.seconds, rate=args.rate,
+                       rounds=args.rounds).lines())
     return 0
 
 
@@ -256,7 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("train", "eval", "export", "verify", "bench-engines"):
             p.add_argument("--run", type=Path, required=True, help="run folder")
         if name == "bench-daemon":
-            p.add_argument("--seconds", type=float, default=20.0, help="sending time")
+            p.add_argument("--seconds", type=float, default=12.0,
+                           help="sending time per round")
+            p.add_argument("--rounds", type=int, default=3,
+                           help="rounds of bare pipeline then daemon (medians are reported)")
             p.add_argument("--rate", type=float, default=0.0,
                            help="frames/s offered (0 = as fast as the sender can)")
         if name in ("calibrate", "build", "verify", "bench-engines", "bench-daemon"):

@@ -152,7 +152,8 @@ class IngestConfig:
     max_side: int = opt(8192, "largest frame width or height accepted", min=16)
     queue_size: int = opt(16, "frames waiting to be scored; when full the oldest is dropped",
                           min=1, max=10000)
-    max_batch: int = opt(8, "frames scored together when several wait", min=1, max=64)
+    max_batch: int = opt(4, "frames one scoring worker takes together when several wait",
+                         min=1, max=64)
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,10 @@ class EnginesConfig:
     backend: str = opt("onnxruntime", "runtime back end", choices=("onnxruntime", "tensorrt"))
     precision: str = opt("fp32", "which graphs to run (tensorrt: the built plans' precision)",
                          choices=("fp32", "fp16"))
-    threads: int = opt(0, "CPU threads for onnxruntime (0 = all cores)", min=0, max=256)
+    workers: int = opt(0, "scoring threads, each taking its own batch (0 = one per CPU core; "
+                       "tensorrt always runs one)", min=0, max=256)
+    threads: int = opt(0, "onnxruntime threads per graph run (0 = CPU cores / workers)",
+                       min=0, max=256)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,13 @@
 """The edge daemon: camera frames in, routed expert scoring, MQTT results and alarms out.
 
-    ingest thread --frames--> bounded queue (drops the oldest when full) --> scoring loop
-    scoring loop: batch of waiting frames -> Pipeline (backbone, router, expert, map, decision)
-                  -> result / alarm / map / unknown on MQTT, metrics, watchdog ping
+    ingest thread --frames--> bounded queue (drops the oldest when full) --> scoring workers
+    each worker: batch of waiting frames -> Pipeline (backbone, router, expert, map, decision)
+                 -> result / alarm / map / unknown on MQTT, metrics
+    main thread: watchdog ping while every worker is alive, engine-set reloads
+
+On a CPU the workers are one per core, each running its batch through single-threaded graphs
+(``engines.workers``, ``engines.threads``): cores that do not wait for each other keep working
+when the sockets, the broker or another process take one of them.
 
 ``Daemon.run()`` blocks until ``stop()`` (SIGTERM/SIGINT): ingest stops, the frames already
 queued are scored, the alarm spool is delivered (bounded wait), ``offline`` is published.
@@ -31,6 +36,7 @@ from edge.metrics import Metrics, serve_metrics
 from edge.publisher import Publisher
 from edge.spool import AlarmSpool
 from engines.pipeline import EngineSet, FrameScore, Pipeline
+from engines.runtime import limit_library_threads, parallelism
 
 log = logging.getLogger("moleflow.daemon")
 VERSION = "0.1.0"
@@ -55,8 +61,10 @@ def sd_notify(message: str) -> bool:
 def load_engines(cfg: Config) -> Pipeline:
     if not cfg.engines.path:
         raise ConfigError("engines.path: no engine set given (the folder with manifest.json)")
+    _, threads = parallelism(cfg.engines.backend, cfg.engines.workers, cfg.engines.threads)
+    limit_library_threads(threads)
     engines = EngineSet.open(Path(cfg.engines.path), backend=cfg.engines.backend,
-                             precision=cfg.engines.precision, threads=cfg.engines.threads)
+                             precision=cfg.engines.precision, threads=threads)
     return Pipeline(engines, with_maps=False)  # maps only for alarms and due map messages
 
 
@@ -86,8 +94,12 @@ class Daemon:
         self.cond = threading.Condition()
         self.stopping = threading.Event()
         self._reload_pending = threading.Event()
+        self._wake = threading.Event()  # the main loop's: a reload or a stop is asked for
         self._last_map: dict[str, float] = {}
-        self._last_loop = time.monotonic()
+        self._map_lock = threading.Lock()
+        self.workers, _ = parallelism(cfg.engines.backend, cfg.engines.workers,
+                                      cfg.engines.threads)
+        self._heartbeat = [time.monotonic()] * self.workers  # each worker's last loop start
         self.ingest = Ingest(cfg.ingest, self._enqueue, self._ingest_error)
         self._metrics_server = None
 
@@ -106,27 +118,62 @@ class Daemon:
             self._metrics_server = serve_metrics(self.metrics, self.health,
                                                  self.cfg.metrics.bind, self.cfg.metrics.port)
         sd_notify("READY=1\nSTATUS=scoring frames")
-        log.info("daemon started: experts %s, backend %s", self.pipeline.engines.expert_names(),
-                 self.pipeline.engines.backend)
+        log.info("daemon started: experts %s, backend %s, %d scoring workers",
+                 self.pipeline.engines.expert_names(), self.pipeline.engines.backend,
+                 self.workers)
 
     def run(self) -> None:
-        """Start, score until stopped, then drain; the main loop also pings the watchdog."""
+        """Start, score until stopped, then drain. The main thread pings the watchdog while
+        every worker is alive and looping, and carries out reloads."""
         self.start()
+        threads = [threading.Thread(target=self._work, args=(i,), name=f"score-{i}",
+                                    daemon=True) for i in range(self.workers)]
+        for t in threads:
+            t.start()
         try:
             while not self.stopping.is_set():
-                self.step(timeout=0.5)
+                if self._reload_pending.is_set():
+                    self._do_reload()
+                if all(t.is_alive() for t in threads) and self.loop_age() < 10:
+                    sd_notify("WATCHDOG=1")
+                self._wake.wait(1.0)
+                self._wake.clear()
         finally:
-            self.shutdown()
+            self.shutdown(threads)
+
+    def _work(self, index: int) -> None:
+        """One scoring worker: batches until stopped, then its share of the queued frames."""
+        while True:
+            self._heartbeat[index] = time.monotonic()
+            stopping = self.stopping.is_set()
+            try:
+                n = self.step(timeout=0 if stopping else 0.5)
+            except Exception as exc:  # a publishing fault must not end the worker
+                self.metrics.inc("errors", kind="worker")
+                log.exception("scoring worker %d: unexpected error", index)
+                self.publisher.send("events", {"event": "worker_error", "detail": repr(exc),
+                                               "time": time.time()})
+                n = 1
+            if stopping and n == 0:
+                return
+
+    def loop_age(self) -> float:
+        """Seconds since the least recent worker started its current loop."""
+        return time.monotonic() - min(self._heartbeat)
 
     def stop(self) -> None:
         self.stopping.set()
+        self._wake.set()
         with self.cond:
             self.cond.notify_all()
 
-    def shutdown(self) -> None:
+    def shutdown(self, threads: list[threading.Thread] | None = None) -> None:
         sd_notify("STOPPING=1")
         self.ingest.stop()
-        while self.queue:  # score what was already received
+        self.stop()
+        for t in threads or []:  # the workers score what was already received
+            t.join()
+        while self.queue:
             self.step(timeout=0)
         self.publisher.stop(timeout=5.0)
         if self._metrics_server is not None:
@@ -137,14 +184,14 @@ class Daemon:
         self.spool.close()
 
     def reload(self) -> None:
-        """Ask the loop to load the engine set again (SIGHUP)."""
+        """Ask the main loop to load the engine set again (SIGHUP)."""
         self._reload_pending.set()
-        with self.cond:
-            self.cond.notify_all()
+        self._wake.set()
 
     def health(self) -> dict:
-        age = time.monotonic() - self._last_loop
+        age = self.loop_age()
         return {"healthy": age < 10 and not self.stopping.is_set(), "loop_age_s": round(age, 3),
+                "workers": self.workers,
                 "mqtt_connected": self.publisher.connected.is_set(), "queue": len(self.queue),
                 "spooled_alarms": len(self.spool), "experts": self.pipeline.engines.expert_names()}
 
@@ -167,25 +214,23 @@ class Daemon:
     # ----- scoring side -----------------------------------------------------------------------
     def step(self, timeout: float) -> int:
         """Score one batch of waiting frames (waiting up to ``timeout`` for one); returns its size."""
-        self._last_loop = time.monotonic()
-        sd_notify("WATCHDOG=1")
-        if self._reload_pending.is_set():
-            self._do_reload()
         with self.cond:
             if not self.queue and timeout > 0:
                 self.cond.wait(timeout)
             messages = [self.queue.popleft()
                         for _ in range(min(len(self.queue), self.cfg.ingest.max_batch))]
             self.metrics.set("queue_depth", len(self.queue))
-        batch = [f for f in map(self._decode, messages) if f is not None]
+        pipeline = self.pipeline  # a reload swaps it between two batches
+        batch = [f for f in (self._decode(m, pipeline.engines.size) for m in messages)
+                 if f is not None]
         if batch:
-            self._score(batch)
+            self._score(pipeline, batch)
         return len(messages)
 
-    def _decode(self, message: Message) -> Frame | None:
+    def _decode(self, message: Message, size: int) -> Frame | None:
         cfg = self.cfg.ingest
         try:
-            return decode(message.parts, self.pipeline.engines.size, cfg.max_message_bytes,
+            return decode(message.parts, size, cfg.max_message_bytes,
                           cfg.max_side, message.received_at)
         except FrameError as exc:
             self._ingest_error("bad_frame", f"{message.source} (camera {message.camera}): {exc}")
@@ -210,9 +255,9 @@ class Daemon:
         self.publisher.send("events", event, qos=1)
         log.info("engine set reloaded: %s", event)
 
-    def _score(self, batch: list[Frame]) -> None:
+    def _score(self, pipeline: Pipeline, batch: list[Frame]) -> None:
         images = np.stack([f.image for f in batch])
-        hints = [f.product if f.product in self.pipeline.engines.experts else None
+        hints = [f.product if f.product in pipeline.engines.experts else None
                  for f in batch]
         for f, h in zip(batch, hints):
             if f.product and h is None:
@@ -220,7 +265,7 @@ class Daemon:
                                                "is not an expert; routed instead")
         started = time.time()
         try:
-            scores = self.pipeline.score(images, hints)
+            scores = pipeline.score(images, hints)
         except Exception as exc:  # an engine fault must not end the daemon
             self.metrics.inc("errors", kind="engine")
             log.exception("scoring failed for %d frames", len(batch))
@@ -230,10 +275,11 @@ class Daemon:
             return
         done = time.time()
         for frame, score in zip(batch, scores):
-            self._publish(frame, score, started, done)
+            self._publish(pipeline, frame, score, started, done)
 
-    def _publish(self, frame: Frame, s: FrameScore, started: float, done: float) -> None:
-        cal = self.pipeline.engines.calibration.get(s.expert)
+    def _publish(self, pipeline: Pipeline, frame: Frame, s: FrameScore, started: float,
+                 done: float) -> None:
+        cal = pipeline.engines.calibration.get(s.expert)
         decision = "uncalibrated" if s.anomalous is None else (
             "anomalous" if s.anomalous else "normal")
         latency = {k: round(v * 1000, 3) for k, v in s.timings.items()}
@@ -256,8 +302,11 @@ class Daemon:
             self.metrics.inc("unknown", camera=cam)
             self.publisher.send(f"{cam}/unknown", result)
         interval = self.cfg.mqtt.map_interval
-        map_due = interval > 0 and done - self._last_map.get(cam, 0.0) >= interval
-        amap = self.pipeline.anomaly_map(s.patch_nll) if (s.anomalous or map_due) else None
+        with self._map_lock:  # one map per interval and camera, whichever worker is first
+            map_due = interval > 0 and done - self._last_map.get(cam, 0.0) >= interval
+            if map_due:
+                self._last_map[cam] = done
+        amap = pipeline.anomaly_map(s.patch_nll) if (s.anomalous or map_due) else None
         if s.anomalous:
             self.metrics.inc("alarms", camera=cam)
             boxes = regions(amap, cal.map_threshold)
@@ -266,7 +315,6 @@ class Daemon:
                 boxes = [dict(b, below_map_threshold=True) for b in regions(amap, peak_level)]
             self.publisher.alarm(cam, {**result, "regions": boxes})
         if map_due:
-            self._last_map[cam] = done
             top = 2.0 * cal.map_threshold if cal else float(amap.max()) or 1.0
             img = np.clip(amap / top * 255.0, 0, 255).astype(np.uint8)
             ok, png = cv2.imencode(".png", img)

@@ -162,7 +162,12 @@ class Pipeline:
         return self.engines.experts[name](features)["patch_nll"]
 
     def score(self, images: np.ndarray, hints: list[str | None] | None = None) -> list[FrameScore]:
-        """Score a batch of frames end to end (frames of one expert share one expert call)."""
+        """Score a batch of frames end to end (frames of one expert share one expert call).
+
+        Safe to call from several threads at once (each call has its own arrays; ONNX Runtime
+        sessions allow concurrent runs)."""
+        if len(images) == 0:
+            return []
         t0 = time.perf_counter()
         feats, pooled = self.features(images)
         t1 = time.perf_counter()

@@ -222,3 +222,31 @@ def test_fp16_islands_prevent_overflow_on_extreme_patches(tmp_path):
     np.testing.assert_allclose(out["islands"], out["fp32"], rtol=2e-2, atol=1.0)
     assert not np.isfinite(out["naive"]).all()
     assert fp32_nodes(fp32.graph)
+
+
+@pytest.mark.parametrize("mean,std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                                      ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_preprocess_is_the_normalisation_formula(mean, std):
+    from engines.imaging import preprocess
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
+    expected = ((images.astype(np.float64) / 255.0 - np.asarray(mean)) / np.asarray(std))
+    got = preprocess(images, mean, std)
+    assert got.dtype == np.float32 and got.shape == (3, 3, 40, 56)
+    np.testing.assert_allclose(got, expected.transpose(0, 3, 1, 2), atol=2e-6)
+    assert preprocess(images[:0], mean, std).shape == (0, 3, 40, 56)
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess(images.astype(np.float32), mean, std)
+
+
+@pytest.mark.parametrize("h,w,size,sigma", [(32, 32, 256, 4.0), (28, 20, 224, 2.5),
+                                            (16, 16, 64, 0.0)])
+def test_anomaly_maps_equal_opencv_resize_and_blur(h, w, size, sigma):
+    from engines.imaging import anomaly_maps, reference_maps
+    grids = (np.random.default_rng(1).normal(size=(3, h, w)) * 30 + 100).astype(np.float32)
+    got, ref = anomaly_maps(grids, size, sigma), reference_maps(grids, size, sigma)
+    assert got.shape == ref.shape == (3, size, size) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-3)
+    grids[1, 3, 5] += 500.0  # a hot patch stays where it is
+    peak = np.unravel_index(np.argmax(anomaly_maps(grids, size, sigma)[1]), (size, size))
+    assert abs(peak[0] - (3 + 0.5) * size / h) <= size / h and \
+        abs(peak[1] - (5 + 0.5) * size / w) <= size / w
