@@ -72,7 +72,10 @@ class ModelConfig:
     hidden_ratio: float = opt(1.0, "subnet hidden width as a multiple of the feature width",
                               min=0.125, max=8.0)
     lora_rank: int = opt(64, "LoRA rank r", min=1, max=1024)
-    lora_alpha: float = opt(1.0, "LoRA alpha; the adapter is scaled by alpha / rank", min=0.0)
+    lora_alpha: float = opt(64.0, "LoRA alpha of every product after the first; its adapter is "
+                            "scaled by alpha / rank (1 at the default rank)", min=0.0)
+    lora_alpha_first: float = opt(1.0, "LoRA alpha of the first product, whose adapter trains "
+                                  "together with the shared base (research scale 1/64)", min=0.0)
     scale_context_kernel: int = opt(5, "depthwise kernel of the coupling scale context (0 = off)",
                                     min=0, max=9)
     spatial_context_kernel: int = opt(0, "depthwise kernel of the shared spatial mixer (0 = off)",

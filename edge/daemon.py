@@ -8,6 +8,8 @@
 On a CPU the workers are one per core, each running its batch through single-threaded graphs
 (``engines.workers``, ``engines.threads``): cores that do not wait for each other keep working
 when the sockets, the broker or another process take one of them.
+Whichever worker finishes first, batches are published in the order they left the queue, so
+results and spooled alarms keep each camera's frame order.
 
 ``Daemon.run()`` blocks until ``stop()`` (SIGTERM/SIGINT): ingest stops, the frames already
 queued are scored, the alarm spool is delivered (bounded wait), ``offline`` is published.
@@ -18,12 +20,14 @@ between two batches, so a new product expert goes live while frames keep flowing
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -100,6 +104,10 @@ class Daemon:
         self.workers, _ = parallelism(cfg.engines.backend, cfg.engines.workers,
                                       cfg.engines.threads)
         self._heartbeat = [time.monotonic()] * self.workers  # each worker's last loop start
+        self._taken = 0          # batches taken from the queue (their sequence numbers)
+        self._published = 0      # batches published; later ones wait in _ready
+        self._ready: dict[int, list[Callable[[], object]]] = {}
+        self._order_lock = threading.Lock()
         self.ingest = Ingest(cfg.ingest, self._enqueue, self._ingest_error)
         self._metrics_server = None
 
@@ -220,12 +228,34 @@ class Daemon:
             messages = [self.queue.popleft()
                         for _ in range(min(len(self.queue), self.cfg.ingest.max_batch))]
             self.metrics.set("queue_depth", len(self.queue))
-        pipeline = self.pipeline  # a reload swaps it between two batches
-        batch = [f for f in (self._decode(m, pipeline.engines.size) for m in messages)
-                 if f is not None]
-        if batch:
-            self._score(pipeline, batch)
+            if not messages:
+                return 0
+            seq, self._taken = self._taken, self._taken + 1
+        actions: list[Callable[[], object]] = []
+        try:
+            pipeline = self.pipeline  # a reload swaps it between two batches
+            batch = [f for f in (self._decode(m, pipeline.engines.size) for m in messages)
+                     if f is not None]
+            if batch:
+                self._score(pipeline, batch, actions)
+        finally:
+            self._deliver(seq, actions)
         return len(messages)
+
+    def _deliver(self, seq: int, actions: list[Callable[[], object]]) -> None:
+        """Publish batches in the order they left the queue, whichever worker finishes first:
+        a batch done early waits in ``_ready`` and goes out with the one before it, so
+        results and spooled alarms keep the cameras' frame order and no worker waits."""
+        with self._order_lock:
+            self._ready[seq] = actions
+            while self._published in self._ready:
+                for act in self._ready.pop(self._published):
+                    try:
+                        act()
+                    except Exception:  # e.g. the spool's disk: report, keep the order going
+                        self.metrics.inc("errors", kind="publish")
+                        log.exception("publishing failed")
+                self._published += 1
 
     def _decode(self, message: Message, size: int) -> Frame | None:
         cfg = self.cfg.ingest
@@ -255,7 +285,8 @@ class Daemon:
         self.publisher.send("events", event, qos=1)
         log.info("engine set reloaded: %s", event)
 
-    def _score(self, pipeline: Pipeline, batch: list[Frame]) -> None:
+    def _score(self, pipeline: Pipeline, batch: list[Frame],
+               actions: list[Callable[[], object]]) -> None:
         images = np.stack([f.image for f in batch])
         hints = [f.product if f.product in pipeline.engines.experts else None
                  for f in batch]
@@ -275,10 +306,11 @@ class Daemon:
             return
         done = time.time()
         for frame, score in zip(batch, scores):
-            self._publish(pipeline, frame, score, started, done)
+            self._publish(pipeline, frame, score, started, done, actions)
 
     def _publish(self, pipeline: Pipeline, frame: Frame, s: FrameScore, started: float,
-                 done: float) -> None:
+                 done: float, actions: list[Callable[[], object]]) -> None:
+        """Metrics now; the frame's messages are appended to ``actions`` (sent in order)."""
         cal = pipeline.engines.calibration.get(s.expert)
         decision = "uncalibrated" if s.anomalous is None else (
             "anomalous" if s.anomalous else "normal")
@@ -297,10 +329,10 @@ class Daemon:
         self.metrics.observe("total", done - frame.received_at)
         for stage, v in s.timings.items():
             self.metrics.observe(stage, v)
-        self.publisher.send(f"{cam}/result", result)
+        actions.append(functools.partial(self.publisher.send, f"{cam}/result", result))
         if s.unknown:
             self.metrics.inc("unknown", camera=cam)
-            self.publisher.send(f"{cam}/unknown", result)
+            actions.append(functools.partial(self.publisher.send, f"{cam}/unknown", result))
         interval = self.cfg.mqtt.map_interval
         with self._map_lock:  # one map per interval and camera, whichever worker is first
             map_due = interval > 0 and done - self._last_map.get(cam, 0.0) >= interval
@@ -308,15 +340,19 @@ class Daemon:
                 self._last_map[cam] = done
         amap = pipeline.anomaly_map(s.patch_nll) if (s.anomalous or map_due) else None
         if s.anomalous:
-            self.metrics.inc("alarms", camera=cam)
             boxes = regions(amap, cal.map_threshold)
             if not boxes:  # the image score passed, no pixel did: report the hottest area
                 peak_level = 0.5 * (float(amap.max()) + float(np.median(amap)))
                 boxes = [dict(b, below_map_threshold=True) for b in regions(amap, peak_level)]
-            self.publisher.alarm(cam, {**result, "regions": boxes})
+            actions.append(functools.partial(self._alarm, cam, {**result, "regions": boxes}))
         if map_due:
             top = 2.0 * cal.map_threshold if cal else float(amap.max()) or 1.0
             img = np.clip(amap / top * 255.0, 0, 255).astype(np.uint8)
             ok, png = cv2.imencode(".png", img)
             if ok:
-                self.publisher.send(f"{cam}/map", png.tobytes())
+                actions.append(functools.partial(self.publisher.send, f"{cam}/map",
+                                                 png.tobytes()))
+
+    def _alarm(self, camera: str, payload: dict) -> None:
+        self.publisher.alarm(camera, payload)  # spooled first: none is lost
+        self.metrics.inc("alarms", camera=camera)

@@ -22,6 +22,7 @@ import numpy as np
 from edge.config import Config
 from edge.errors import MoleflowError
 from edge.harness import served
+from engines.runtime import parallelism
 
 
 @dataclass
@@ -66,7 +67,7 @@ def replay(engines: Path, data_root: Path, classes: list[str], cfg: Config, out:
            rate: float = 0.0) -> DemoSummary:
     """Serve ``engines`` and replay the classes' test images through it (see module doc).
 
-    The camera keeps at most ``ingest.max_batch`` frames waiting for their result (and at
+    The camera keeps at most one batch per scoring worker waiting for its result (and at
     most ``rate`` frames/s when given), so every frame is scored and the summary covers the
     whole test set."""
     import zmq
@@ -89,7 +90,10 @@ def replay(engines: Path, data_root: Path, classes: list[str], cfg: Config, out:
         camera.connect(f"tcp://127.0.0.1:{zport}")
         try:
             start = time.time()
-            window = cfg.ingest.max_batch  # frames in flight: the daemon never has to drop one
+            # frames in flight: a batch for each worker, and the daemon never has to drop one
+            workers, _ = parallelism(cfg.engines.backend, cfg.engines.workers,
+                                     cfg.engines.threads)
+            window = min(workers * cfg.ingest.max_batch, cfg.ingest.queue_size)
             for i, (path, name, label) in enumerate(frames):
                 deadline = time.time() + 60
                 while time.time() < deadline:

@@ -209,7 +209,9 @@ def test_spool_delivers_every_alarm_after_a_broker_outage(engine_set, broker, tm
                                                           synthetic_root):
     port = free_port()
     listener = Listener(broker.port, "moleflow/line1/+/alarm", client_id="scada", clean=False)
-    run = Running(daemon_config(engine_set, broker, tmp_path, [f"pull+tcp://127.0.0.1:{port}"]))
+    # three workers taking one frame each finish out of order: alarms must still leave in order
+    run = Running(daemon_config(engine_set, broker, tmp_path, [f"pull+tcp://127.0.0.1:{port}"],
+                                **{"engines.workers": 3, "ingest.max_batch": 1}))
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.connect(f"tcp://127.0.0.1:{port}")

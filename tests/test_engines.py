@@ -93,16 +93,20 @@ def test_expert_graph_is_a_plain_flow_with_lora_fused(engine_run):
 
 def test_fused_weights_are_w_plus_scaled_ba(engine_run):
     run, *_ = engine_run
-    model = RunBundle.open(run).load_model()
+    bundle = RunBundle.open(run)
+    model = bundle.load_model()
+    scale = bundle.config.model.lora_alpha / bundle.config.model.lora_rank  # alpha / rank
+    assert bundle.config.model.lora_rank == 8 and scale != 1.0  # the scale is really applied
     lin = model.blocks[0].subnet.s1
     with torch.no_grad():
         lin.lora_B["1"].normal_()  # a non-trivial adapter
         fused = FusedExpert(model, 1).blocks[0].w
-        expect = lin.base.weight + (1.0 / 8) * lin.lora_B["1"] @ lin.lora_A["1"]  # alpha / rank
-    torch.testing.assert_close(fused["s1_w"], expect, rtol=0, atol=1e-6)
+        expect = lin.base.weight + scale * lin.lora_B["1"] @ lin.lora_A["1"]
+    torch.testing.assert_close(fused["s1_w"], expect, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fused["s1_b"][:, 0], lin.base.bias + lin.task_bias["1"],
                                rtol=0, atol=0)
-    assert lin.scale == 1.0 / 8
+    assert lin.scale == scale
+    assert lin.scale_of(0) == bundle.config.model.lora_alpha_first / 8  # task 0: its own alpha
 
 
 def test_onnx_experts_match_pytorch(engine_run):
@@ -250,3 +254,35 @@ def test_anomaly_maps_equal_opencv_resize_and_blur(h, w, size, sigma):
     peak = np.unravel_index(np.argmax(anomaly_maps(grids, size, sigma)[1]), (size, size))
     assert abs(peak[0] - (3 + 0.5) * size / h) <= size / h and \
         abs(peak[1] - (5 + 0.5) * size / w) <= size / w
+
+
+def test_parallelism_one_single_threaded_worker_per_core(monkeypatch):
+    from engines import runtime
+    monkeypatch.setattr(runtime, "cpu_cores", lambda: 4)
+    assert runtime.parallelism("onnxruntime") == (4, 1)
+    assert runtime.parallelism("onnxruntime", workers=1) == (1, 4)
+    assert runtime.parallelism("onnxruntime", workers=2, threads=3) == (2, 3)
+    assert runtime.parallelism("tensorrt", workers=4) == (1, 1)  # one CUDA context
+
+
+def test_concurrent_scoring_gives_the_same_scores(engine_run, synthetic_root):
+    """The daemon's workers share one Pipeline: scores must not depend on who runs beside."""
+    import threading
+    _, out, _ = engine_run
+    pipe = Pipeline(EngineSet.open(out), with_maps=False)
+    data = load_class(synthetic_root, "alpha")
+    images = load_images([t.path for t in data.test], pipe.engines.size)
+    alone = [f.raw_score for f in pipe.score(images)]
+    together: dict[int, list[float]] = {}
+
+    def work(k: int) -> None:
+        for _ in range(3):
+            together[k] = [f.raw_score for f in pipe.score(images)]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(3):
+        np.testing.assert_allclose(together[k], alone, rtol=1e-5)

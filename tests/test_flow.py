@@ -211,3 +211,32 @@ def test_whitening_statistics_whiten_the_task(mode):
     else:
         assert torch.allclose(cov, torch.eye(5, dtype=cov.dtype), atol=1e-3)
     assert torch.allclose(white.mean(0), torch.zeros(5, dtype=cov.dtype), atol=1e-3)
+
+
+def test_first_task_lora_has_its_own_scale():
+    """Task 0 trains with the base at the research scale; later tasks use alpha / rank."""
+    lin = LoRALinear(7, 5, rank=4, alpha=4.0, first_alpha=1.0)
+    for task in (0, 1):
+        lin.add_task(task)
+    _randomise(lin)
+    x = torch.randn(11, 7)
+    for task, scale in ((0, 0.25), (1, 1.0)):
+        key = str(task)
+        unfused = (x @ lin.base.weight.T + lin.base.bias
+                   + scale * (x @ lin.lora_A[key].T) @ lin.lora_B[key].T + lin.task_bias[key])
+        assert torch.allclose(lin(x, task), unfused, atol=1e-12)
+        assert lin.scale_of(task) == scale
+    assert LoRALinear(7, 5, rank=4, alpha=4.0).scale_of(0) == 1.0  # one alpha when not split
+
+
+def test_runs_from_before_the_split_alpha_keep_one_alpha(tmp_path):
+    import yaml
+    from edge.config import load_config
+    from train.bundle import RunBundle
+    cfg = load_config(None, {"model.lora_alpha": 3.0})
+    bundle = RunBundle.create(tmp_path / "run", cfg, "ident", 8, (4, 4))
+    raw = yaml.safe_load((bundle.path / "config.yaml").read_text())
+    del raw["model"]["lora_alpha_first"]  # as written by earlier versions
+    (bundle.path / "config.yaml").write_text(yaml.safe_dump(raw))
+    model = RunBundle.open(bundle.path).config.model
+    assert model.lora_alpha_first == model.lora_alpha == 3.0

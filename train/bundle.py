@@ -92,7 +92,12 @@ class RunBundle:
         if meta.get("format") != RUN_FORMAT:
             raise RunError(f"{meta_path}: run format {meta.get('format')} is not supported "
                            f"(this version reads format {RUN_FORMAT})")
-        config = parse_config(yaml.safe_load((path / "config.yaml").read_text()))
+        raw = yaml.safe_load((path / "config.yaml").read_text())
+        model = raw.get("model") if isinstance(raw, dict) else None
+        if isinstance(model, dict) and "lora_alpha_first" not in model:
+            # runs from before the first task had its own alpha used one alpha for all tasks
+            model["lora_alpha_first"] = model.get("lora_alpha", 1.0)
+        config = parse_config(raw)
         tasks = [TaskRecord(**t) for t in meta["tasks"]]
         return cls(path, config, meta["backbone"], meta["dim"], tuple(meta["grid"]), tasks)
 

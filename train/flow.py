@@ -121,7 +121,8 @@ class ContextSubnet(nn.Module):
             nn.init.zeros_(self.ctx_conv.weight)
             self.ctx_theta = nn.Parameter(torch.zeros(()))
         s_in = 2 * c_in if self.ctx_conv is not None else c_in
-        lora = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, use_lora=cfg.use_lora)
+        lora = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, first_alpha=cfg.lora_alpha_first,
+                    use_lora=cfg.use_lora)
         self.s1 = LoRALinear(s_in, hidden, **lora)
         self.s2 = LoRALinear(hidden, c_out // 2, **lora)
         self.t1 = LoRALinear(c_in, hidden, **lora)

@@ -1,5 +1,9 @@
 """Linear layers with one LoRA adapter per task: ``h = (W + (alpha/rank)·B·A) x + b + b_t``.
 
+The first task's adapter trains together with the shared base (which adapts ``W`` itself), so
+it keeps the research scale (``first_alpha`` 1: 1/64); every later task's adapter is its only
+way to change the frozen subnets and gets ``alpha`` (64: scale 1).
+
 The adapter is applied by fusing ``W + s·B·A`` once per call instead of running the low-rank
 branch per patch: a batch holds ~16k patches, so forming the fused matrix is negligible and the
 per-patch cost equals the base layer's. With ``B = 0`` (its initial value) the output is
@@ -19,14 +23,16 @@ class LoRALinear(nn.Module):
     """A shared base ``nn.Linear`` plus per-task low-rank updates and task biases."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
-                 use_lora: bool = True, zero_init: bool = False) -> None:
+                 use_lora: bool = True, zero_init: bool = False,
+                 first_alpha: float | None = None) -> None:
         super().__init__()
         self.base = nn.Linear(in_features, out_features)
         if zero_init:
             nn.init.zeros_(self.base.weight)
             nn.init.zeros_(self.base.bias)
         self.rank = min(rank, in_features, out_features)
-        self.scale = alpha / self.rank
+        self.scale = alpha / self.rank                       # tasks after the first
+        self.first_scale = (alpha if first_alpha is None else first_alpha) / self.rank
         self.use_lora = use_lora
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -48,8 +54,12 @@ class LoRALinear(nn.Module):
         if not self.use_lora:
             return self.base.weight, self.base.bias
         key = str(task)
-        weight = self.base.weight + self.scale * (self.lora_B[key] @ self.lora_A[key])
+        weight = self.base.weight + self.scale_of(task) * (self.lora_B[key] @ self.lora_A[key])
         return weight, self.base.bias + self.task_bias[key]
+
+    def scale_of(self, task: int) -> float:
+        """``alpha / rank`` of task ``task``'s adapter."""
+        return self.first_scale if task == 0 else self.scale
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:
         if not self.use_lora:
@@ -63,7 +73,8 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.base.in_features}, out={self.base.out_features}, rank={self.rank}, "
-                f"scale={self.scale:.4g}, tasks={list(self.lora_A.keys())}")
+                f"scale={self.first_scale:.4g} (task 0) / {self.scale:.4g}, "
+                f"tasks={list(self.lora_A.keys())}")
 
 
 def inverse_sigmoid(p: float) -> float:
