@@ -167,7 +167,7 @@ def bench_daemon(engines_dir: Path, frames: np.ndarray, cfg: Config, seconds: fl
     # Full rate: enough frames in flight that a full batch waits for every worker whenever
     # its last one is done (two batches each), never more than the queue holds (no drops).
     window = min(2 * workers * cfg.ingest.max_batch, cfg.ingest.queue_size)
-    latencies: list[float] = []
+    latencies: list[tuple[float, float]] = []  # (received at, sent -> received seconds)
     received: list[float] = []
     ctx = mp.get_context("spawn")
     done = ctx.Value("i", 0)

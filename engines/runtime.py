@@ -100,11 +100,13 @@ def limit_library_threads(threads: int) -> None:
     The daemon runs one scoring worker per core; libraries that start their own pool per
     call (numpy's OpenBLAS for the anomaly maps, OpenCV for decoding and regions) would make
     the workers' threads wait for each other's spinning helpers: measured, a daemon at 57-62
-    frames/s instead of 79-88."""
-    cv2_threads = max(1, threads)
+    frames/s instead of 79-88. ``anomaly_maps`` also limits BLAS around its own products, but
+    that limit is restored when a call ends; with several workers one call's exit would hand
+    the pool back while another worker's product runs, so the process keeps the limit too."""
+    limit = max(1, threads)
     try:
         import cv2
-        cv2.setNumThreads(cv2_threads)
+        cv2.setNumThreads(limit)
     except ImportError:  # pragma: no cover - OpenCV is a core dependency
         pass
     try:
@@ -112,7 +114,7 @@ def limit_library_threads(threads: int) -> None:
     except ImportError:
         log.warning("threadpoolctl is not installed: numpy's BLAS keeps its own thread pool")
         return
-    threadpool_limits(limits=cv2_threads, user_api="blas")
+    threadpool_limits(limits=limit, user_api="blas")
 
 
 def default_providers(available: list[str]) -> list[str]:
