@@ -97,7 +97,10 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = opt(20, "epochs per task", min=1, max=1000)
     batch_size: int = opt(16, "images per batch", min=1, max=1024)
-    lr: float = opt(1e-3, "peak learning rate (AdamW)", min=0.0, max=1.0)
+    lr: float = opt(4e-3, "peak learning rate (AdamW) of each product after the first, whose "
+                          "expert alone trains", min=0.0, max=1.0)
+    lr_first: float = opt(1e-3, "peak learning rate of the first product, whose training fits "
+                                "the shared base", min=0.0, max=1.0)
     min_lr_ratio: float = opt(0.01, "cosine schedule ends at lr * min_lr_ratio", min=0.0, max=1.0)
     warmup_epochs: int = opt(2, "linear warm-up epochs for tasks after the first", min=0)
     weight_decay: float = opt(0.01, "AdamW weight decay", min=0.0)
@@ -107,8 +110,11 @@ class TrainConfig:
     tail_ratio: float = opt(0.02, "fraction of each image's patches in the tail term",
                             min=0.0, max=1.0)
     logdet_weight: float = opt(1e-4, "weight of the mean squared log-determinant", min=0.0)
-    feature_noise: float = opt(0.2, "std of Gaussian noise added to the flow input while "
-                                    "training (regularises against memorising patches)", min=0.0)
+    feature_noise: float = opt(0.0, "std of Gaussian noise added to the flow input while "
+                                    "training each product after the first", min=0.0)
+    feature_noise_first: float = opt(0.2, "the same while training the first product, whose "
+                                          "training fits the shared base (keeps it from "
+                                          "memorising patches)", min=0.0)
     seed: int = opt(0, "random seed", min=0)
     threads: int = opt(0, "torch CPU threads (0 = all cores)", min=0, max=256)
     cache_features: bool = opt(True, "cache backbone features per task in <run>/cache")

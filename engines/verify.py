@@ -6,8 +6,11 @@ Per class of the run, on its test images (normal and defective):
     AUROC, routing);
   * FP16: the FP16 graphs (what TensorRT builds from): the backbone in ONNX Runtime, the experts
     in onnx's reference evaluator, which keeps every tensor in FP16 as declared (ONNX Runtime on
-    a CPU silently computes FP16 ops in FP32 and would hide an overflow): no inf/nan, and AUROC
-    next to FP32.
+    a CPU silently computes FP16 ops in FP32 and would hide an overflow): no inf/nan, image
+    scores next to FP32's, and AUROC next to FP32. An image AUROC can only move where a normal
+    and a defective image score within FP16's own error of each other; the share of such
+    near-tied pairs is reported with it (on a few dozen images one swapped pair moves the AUROC
+    by more than 0.004).
 Relative errors are ``|onnx - torch| / max(|torch|, 1)`` per patch NLL (nats; the floor keeps
 patches with an NLL near zero from dividing by ~0).
 """
@@ -50,6 +53,8 @@ class ClassCheck:
     fp16_pixel_auroc: float
     fp16_finite: bool
     fp16_max_abs: float          # largest patch NLL seen in FP16 (overflow would be inf)
+    fp16_score_max_rel: float    # FP16 image scores vs FP32, largest relative error
+    fp16_tied_pairs: float       # share of (normal, defective) pairs closer than FP16's error
 
     def line(self) -> str:
         return (f"{self.name:<12} n={self.images:<4} expert rel {self.expert_max_rel:.2e}  "
@@ -57,7 +62,8 @@ class ClassCheck:
                 f"onnx {self.onnx_image_auroc:.4f} fp16 {self.fp16_image_auroc:.4f} | pixel "
                 f"torch {self.torch_pixel_auroc:.4f} onnx {self.onnx_pixel_auroc:.4f} fp16 "
                 f"{self.fp16_pixel_auroc:.4f} | routing {self.onnx_routing:.3f} | fp16 finite "
-                f"{self.fp16_finite} (max NLL {self.fp16_max_abs:.0f})")
+                f"{self.fp16_finite} (max NLL {self.fp16_max_abs:.0f}), image scores rel "
+                f"{self.fp16_score_max_rel:.1e}, pairs within it {self.fp16_tied_pairs:.4f}")
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -92,16 +98,19 @@ def verify_engine_set(run_dir: Path, engines_dir: Path, data_root: Path | None,
         e2e, routed = _pipeline_nll(fp32, images)
         half, _ = _pipeline_nll(fp16, images, experts16)
         same = routed == record.name
+        full, half_scores = image_scores(e2e, fp32.top_k), image_scores(half, fp16.top_k)
         checks.append(ClassCheck(
             name=record.name, images=len(images), expert_max_rel=_rel(onnx_nll, torch_nll),
             e2e_max_rel=_rel(e2e[same], torch_nll[same]) if same.any() else float("nan"),
             torch_image_auroc=ref.metrics.image_auroc, torch_pixel_auroc=ref.metrics.pixel_auroc,
-            onnx_image_auroc=auroc(labels, image_scores(e2e, fp32.top_k)),
+            onnx_image_auroc=auroc(labels, full),
             onnx_pixel_auroc=_pixel_auroc(masks, anomaly_maps(e2e, size, fp32.sigma)),
             onnx_routing=float(same.mean()),
-            fp16_image_auroc=auroc(labels, image_scores(half, fp16.top_k)),
+            fp16_image_auroc=auroc(labels, half_scores),
             fp16_pixel_auroc=_pixel_auroc(masks, anomaly_maps(half, size, fp16.sigma)),
-            fp16_finite=bool(np.isfinite(half).all()), fp16_max_abs=float(np.abs(half).max())))
+            fp16_finite=bool(np.isfinite(half).all()), fp16_max_abs=float(np.abs(half).max()),
+            fp16_score_max_rel=_rel(half_scores, full),
+            fp16_tied_pairs=tied_pairs(labels, full, float(np.abs(half_scores - full).max()))))
         log.info("%s", checks[-1].line())
     return checks
 
@@ -126,6 +135,16 @@ def _pipeline_nll(pipe: Pipeline, images: np.ndarray, experts16: dict | None = N
         grids += list(out)
         routed += list(names)
     return np.stack(grids), np.asarray(routed)
+
+
+def tied_pairs(labels: np.ndarray, scores: np.ndarray, error: float) -> float:
+    """Share of (normal, defective) pairs whose scores are at most ``2·error`` apart: the only
+    pairs a perturbation of every score by at most ``error`` can reorder."""
+    labels = np.asarray(labels).astype(bool)
+    good, bad = scores[~labels], scores[labels]
+    if not len(good) or not len(bad):
+        return 0.0
+    return float((np.abs(good[:, None] - bad[None, :]) <= 2 * error).mean())
 
 
 def _pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:

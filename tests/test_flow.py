@@ -240,3 +240,36 @@ def test_runs_from_before_the_split_alpha_keep_one_alpha(tmp_path):
     (bundle.path / "config.yaml").write_text(yaml.safe_dump(raw))
     model = RunBundle.open(bundle.path).config.model
     assert model.lora_alpha_first == model.lora_alpha == 3.0
+
+
+@pytest.mark.parametrize("first_key, later_key, quiet, loud", [
+    ("feature_noise_first", "feature_noise", 0.0, 0.5),
+    ("lr_first", "lr", 1e-3, 5e-3),
+])
+def test_first_task_and_later_tasks_train_with_their_own_settings(first_key, later_key, quiet,
+                                                                   loud):
+    """The *_first setting applies while task 0 fits the base, the plain one to later tasks."""
+    torch.set_default_dtype(torch.float32)
+    try:
+        cfg = ModelConfig(coupling_blocks=2, lora_rank=4)
+
+        def trained(first: float, later: float) -> dict[int, dict[str, torch.Tensor]]:
+            torch.manual_seed(0)
+            model = MoLEFlow(8, (4, 4), cfg)
+            tcfg = TrainConfig(epochs=2, batch_size=4, **{first_key: first, later_key: later})
+            states = {}
+            for task in (0, 1):
+                model.add_task(task)
+                train_task(model, task, _features(8, 8, shift=task, seed=task), tcfg, cfg,
+                           progress=False)
+                states[task] = {k: v.clone() for k, v in model.state_dict().items()}
+            return states
+
+        base, later_loud = trained(quiet, quiet), trained(quiet, loud)
+        first_loud = trained(loud, quiet)
+        same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+        assert same(base[0], later_loud[0]), f"{later_key} reached the first task"
+        assert not same(base[1], later_loud[1]), f"{later_key} was not applied to a later task"
+        assert not same(base[0], first_loud[0]), f"{first_key} was not applied to the first task"
+    finally:
+        torch.set_default_dtype(torch.float64)

@@ -288,3 +288,13 @@ def test_empty_input_rejected() -> None:
         auroc([], [])
     with pytest.raises(ValueError, match="empty"):
         aupro(np.zeros((0, 4, 4)), np.zeros((0, 4, 4)))
+
+
+def test_tied_pairs_counts_the_pairs_a_bounded_error_can_swap():
+    from engines.verify import tied_pairs
+    labels = np.array([0, 0, 1, 1])
+    scores = np.array([1.0, 5.0, 5.3, 9.0])
+    assert tied_pairs(labels, scores, 0.1) == 0.0        # 5.0 / 5.3 are 0.3 apart
+    assert tied_pairs(labels, scores, 0.15) == 0.25      # 2·0.15 reaches them: 1 of 4 pairs
+    assert tied_pairs(labels, scores, 2.0) == 0.5        # and 5.0 / 9.0, 1.0 / 5.3 stay apart
+    assert tied_pairs(np.zeros(3), scores[:3], 10.0) == 0.0

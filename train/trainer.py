@@ -60,12 +60,15 @@ def train_task(model: MoLEFlow, task: int, feats: torch.Tensor, cfg: TrainConfig
     """Fit ``task``'s expert (and the base when it is the first task) on features (N, D, H, W)."""
     start = time.perf_counter()
     params = freeze_for_task(model, task)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    first = task == model.tasks[0]
+    lr = cfg.lr_first if first else cfg.lr
+    noise = cfg.feature_noise_first if first else cfg.feature_noise
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + task)
     n = len(feats)
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
-    warmup = 0 if task == model.tasks[0] else cfg.warmup_epochs * steps_per_epoch
+    warmup = 0 if first else cfg.warmup_epochs * steps_per_epoch
     model.train()
     step, skipped, last_loss = 0, 0, float("nan")
     bar = tqdm(range(cfg.epochs), desc=f"task {task}", unit="ep", disable=not progress)
@@ -74,11 +77,11 @@ def train_task(model: MoLEFlow, task: int, feats: torch.Tensor, cfg: TrainConfig
         running, count = 0.0, 0
         for i in range(0, n, cfg.batch_size):
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, total, warmup, cfg.min_lr_ratio)
+                group["lr"] = lr * lr_factor(step, total, warmup, cfg.min_lr_ratio)
             step += 1
             x = model.embed(feats[order[i:i + cfg.batch_size]], task)
-            if cfg.feature_noise > 0:
-                x = x + cfg.feature_noise * torch.randn(x.shape, generator=gen)
+            if noise > 0:
+                x = x + noise * torch.randn(x.shape, generator=gen)
             z, logdet = model.transform(x, task)
             loss = flow_loss(z, logdet, cfg, tail=model_cfg.use_tail_loss)
             if not torch.isfinite(loss) or loss.item() > 1e6:
