@@ -117,6 +117,17 @@ def test_permuted_block_equals_freia_all_in_one_block():
     assert torch.allclose(a, b, atol=1e-12) and torch.allclose(ja, jb, atol=1e-12)
     (ra,), _ = ours((a,), rev=True)
     assert torch.allclose(ra, x, atol=1e-12)
+    # training sees the same gradients through the index gather as through FrEIA's matmul
+    grads = []
+    for blk in (ours, ref):
+        xg = x.clone().double().requires_grad_(True)
+        (y,), j = blk((xg,))
+        ((y ** 2).sum() + j.sum()).backward()
+        grads.append([xg.grad] + [p.grad for n, p in sorted(blk.named_parameters())
+                                  if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 5
+    for g_ours, g_ref in zip(*grads):
+        assert torch.allclose(g_ours, g_ref, atol=1e-12)
 
 
 def test_lora_with_zero_B_equals_base_exactly():

@@ -17,9 +17,28 @@ from train.flow import MoLEFlow
 from train.trainer import train_task
 
 
+def matmul_gflops(threads: int, size: int = 1024, seconds: float = 0.5) -> float:
+    """This machine's float32 matrix-multiply throughput (GFLOP/s) at ``threads`` threads.
+
+    Training is mostly such products, so the figure says how fast the machine was while the
+    benchmark ran: shared VMs vary by a factor of two from day to day.
+    """
+    torch.set_num_threads(threads)
+    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    a @ a  # warm-up
+    count, start = 0, time.perf_counter()
+    while True:
+        a @ a
+        count += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * size**3 * count / elapsed / 1e9
+
+
 def bench_training(data_root: Path, task: str | None, cfg: Config, repeat: int = 1) -> list[float]:
     """Time feature extraction (uncached) and the training of a first expert on one class."""
-    torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
+    threads = cfg.train.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
     name = task or list_classes(data_root)[0]
     data = load_class(data_root, name)
     totals = []
@@ -36,9 +55,11 @@ def bench_training(data_root: Path, task: str | None, cfg: Config, repeat: int =
         report = train_task(model, 0, feats, cfg.train, cfg.resolved_model(), progress=False)
         total = time.perf_counter() - t0
         totals.append(total)
+        gflops = matmul_gflops(threads)
         print(f"bench train | class {name} | {len(feats)} images at {cfg.data.image_size}px | "
               f"threads {torch.get_num_threads()} of {os.cpu_count()} cores | features "
               f"{t1 - t0:.1f} s | training {report.epochs} epochs {report.seconds:.1f} s "
               f"({report.seconds / report.epochs:.2f} s/epoch) | one expert total {total:.1f} s "
-              f"({total / 60:.2f} min) | run {r + 1}/{repeat}")
+              f"({total / 60:.2f} min) | machine: float32 matmul {gflops:.0f} GFLOP/s | "
+              f"run {r + 1}/{repeat}")
     return totals

@@ -191,6 +191,9 @@ class PermutedBlock(AllInOneBlock):
 
     Same mathematics as the parent (``F.linear`` with a permutation matrix), a quarter less
     work per block; the permutation matrices stay in the state dict as FrEIA stores them.
+    ``index_select``, not ``x[:, perm]``: the same values, but its backward is a plain
+    ``index_add`` where advanced indexing's is an accumulating ``index_put`` six times slower
+    (about a fifth of a training step on two cores). Both are exact for a permutation.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -203,8 +206,8 @@ class PermutedBlock(AllInOneBlock):
         scale = self.global_scale_activation(self.global_scale)
         log_jac = torch.sum(torch.log(scale))
         if rev:
-            return (x[:, self.perm_inv] - self.global_offset) / scale, log_jac
-        return (x * scale + self.global_offset)[:, self.perm], log_jac
+            return (x.index_select(1, self.perm_inv) - self.global_offset) / scale, log_jac
+        return (x * scale + self.global_offset).index_select(1, self.perm), log_jac
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
