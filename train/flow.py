@@ -192,8 +192,9 @@ class PermutedBlock(AllInOneBlock):
     Same mathematics as the parent (``F.linear`` with a permutation matrix), a quarter less
     work per block; the permutation matrices stay in the state dict as FrEIA stores them.
     ``index_select``, not ``x[:, perm]``: the same values, but its backward is a plain
-    ``index_add`` where advanced indexing's is an accumulating ``index_put`` six times slower
-    (about a fifth of a training step on two cores). Both are exact for a permutation.
+    ``index_add`` where advanced indexing's is an accumulating ``index_put`` (one (16384, 152)
+    gather, forward and backward, 12 ms against 73 ms on two cores; a whole training step 3-6 %
+    faster). Both are exact for a permutation: training is bit-identical.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -282,10 +283,14 @@ class MoLEFlow(nn.Module):
             params += list(self.dia[str(task)].parameters())
         return params
 
+    def is_first(self, task: int) -> bool:
+        """Whether ``task`` is the first product, whose training fits the shared base."""
+        return task == self.tasks[0]
+
     def trainable_parameters(self, task: int) -> list[nn.Parameter]:
         """Task 0 trains the base with its expert; later tasks only their own expert."""
         params = self.expert_parameters(task)
-        if task == self.tasks[0]:
+        if self.is_first(task):
             params = self.base_parameters() + params
         return params
 

@@ -60,7 +60,7 @@ def train_task(model: MoLEFlow, task: int, feats: torch.Tensor, cfg: TrainConfig
     """Fit ``task``'s expert (and the base when it is the first task) on features (N, D, H, W)."""
     start = time.perf_counter()
     params = freeze_for_task(model, task)
-    first = task == model.tasks[0]
+    first = model.is_first(task)
     lr = cfg.lr_first if first else cfg.lr
     noise = cfg.feature_noise_first if first else cfg.feature_noise
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
