@@ -22,7 +22,7 @@ from calibration.thresholds import (CALIBRATION, Calibration, CalibrationError, 
                                     binomial_interval, fit_expert)
 from edge.config import CalibrationConfig
 from engines.manifest import FileRef, Manifest
-from engines.pipeline import EngineSet, Pipeline
+from engines.pipeline import EngineSet, Pipeline, scoring_key
 from train.data import DataError, load_class, load_images
 
 log = logging.getLogger("moleflow.calibrate")
@@ -76,8 +76,8 @@ def calibrate_engine_set(root: Path, data_root: Path, cfg: CalibrationConfig,
     size = engines.size
     reports = []
     for entry in manifest.experts:
-        sha = entry.files["onnx"].sha256
-        old = table.for_expert(entry.name, sha)
+        sha, scoring = entry.files["onnx"].sha256, scoring_key(manifest, entry)
+        old = table.for_expert(entry.name, sha, scoring)
         cls_dir = Path(data_root) / entry.name
         refit = force or old is None or old.false_alarm_rate != cfg.false_alarm_rate \
             or old.unknown_rate != cfg.unknown_rate
@@ -94,7 +94,7 @@ def calibrate_engine_set(root: Path, data_root: Path, cfg: CalibrationConfig,
                                 f"missing: pass --data with the folder the run was trained on")
             scores, maxima, dists = score_images(pipe, entry.name, load_images(paths, size))
             table.experts[entry.name] = fit_expert(scores, maxima, dists, cfg.false_alarm_rate,
-                                                   cfg.unknown_rate, sha)
+                                                   cfg.unknown_rate, sha, scoring)
         report = ExpertReport(entry.name, table.experts[entry.name], refit)
         _check_on_test(pipe, report, cls_dir, size)
         reports.append(report)

@@ -65,6 +65,7 @@ class ExpertCalibration:
     unknown_rate: float
     expert_sha256: str          # the expert graph these scores came from
     held_out_scores: list[float] = field(default_factory=list)
+    scoring: str = ""           # the image-score rule they were computed by (pipeline's key)
 
     def normalise(self, raw: np.ndarray | float) -> np.ndarray:
         """Raw image scores -> [0, 1], exactly 0.5 at the threshold."""
@@ -76,7 +77,7 @@ class ExpertCalibration:
 
 
 def fit_expert(scores: np.ndarray, map_maxima: np.ndarray, distances: np.ndarray, far: float,
-               unknown_rate: float, expert_sha256: str) -> ExpertCalibration:
+               unknown_rate: float, expert_sha256: str, scoring: str) -> ExpertCalibration:
     """Fit one expert from its held-out normals' image scores, map maxima and routing distances."""
     scores = np.asarray(scores, dtype=np.float64)
     threshold = tail_threshold(scores, far)
@@ -86,7 +87,7 @@ def fit_expert(scores: np.ndarray, map_maxima: np.ndarray, distances: np.ndarray
         map_threshold=tail_threshold(map_maxima, far),
         distance_limit=tail_threshold(distances, unknown_rate), n_images=len(scores),
         false_alarm_rate=far, unknown_rate=unknown_rate, expert_sha256=expert_sha256,
-        held_out_scores=[round(float(s), 6) for s in scores])
+        held_out_scores=[round(float(s), 6) for s in scores], scoring=scoring)
 
 
 @dataclass
@@ -115,10 +116,12 @@ class Calibration:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CalibrationError(f"{path}: malformed calibration file ({exc!r})") from exc
 
-    def for_expert(self, name: str, expert_sha256: str) -> ExpertCalibration | None:
-        """The expert's calibration if it was fitted on this very expert graph, else None."""
+    def for_expert(self, name: str, expert_sha256: str, scoring: str) -> ExpertCalibration | None:
+        """The expert's calibration if it was fitted on this very expert graph with this
+        image-score rule, else None."""
         cal = self.experts.get(name)
-        return cal if cal is not None and cal.expert_sha256 == expert_sha256 else None
+        ok = cal is not None and cal.expert_sha256 == expert_sha256 and cal.scoring == scoring
+        return cal if ok else None
 
 
 def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

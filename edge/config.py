@@ -126,7 +126,15 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     top_k: int = opt(3, "image score = mean of the top-k patch scores", min=1)
+    image_score: str = opt("standardised", "patch scores the image score averages: 'nll' (raw "
+                           "patch NLL) or 'standardised' (NLL minus its mean, over its std, at "
+                           "that grid position on the expert's training images)",
+                           choices=("standardised", "nll"))
     smoothing_sigma: float = opt(4.0, "Gaussian sigma (pixels) of the anomaly map", min=0.0)
+    anomaly_map: str = opt("likelihood", "patch values the anomaly map smooths: 'likelihood' "
+                           "(1 - exp(-NLL/D), one minus the likelihood per feature dimension, "
+                           "as anomalib's FastFlow and CFlow) or 'nll' (the patch NLL)",
+                           choices=("likelihood", "nll"))
     aupro_max_fpr: float = opt(0.3, "FPR limit of AUPRO", min=0.01, max=1.0)
     overlays_per_class: int = opt(4, "heat-map overlay images written per class", min=0)
     batch_size: int = opt(32, "images per scoring batch", min=1)

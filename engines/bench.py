@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from engines.bench_ort import time_per_frame
-from engines.imaging import anomaly_maps, image_scores, preprocess
+from engines.imaging import anomaly_maps, map_values, preprocess, routed_image_scores
 from train.backbone import FeatureExtractor
 from train.bundle import RunBundle
 from train.data import load_class, load_images
@@ -51,6 +51,8 @@ class EagerPipeline:
         router = bundle.load_router()
         self.protos = router.prototypes[:experts]
         self.tasks = self.model.tasks[:experts]
+        norms = bundle.load_norms()
+        self.norms = norms if self.cfg.eval.image_score == "standardised" else None
 
     @torch.no_grad()
     def score(self, images: np.ndarray) -> dict[str, float]:
@@ -67,8 +69,10 @@ class EagerPipeline:
             sel = torch.from_numpy(chosen == j)
             grids[sel.numpy()] = self.model.patch_nll(feats[sel], self.tasks[j])[0].numpy()
         t3 = time.perf_counter()
-        image_scores(grids, self.cfg.eval.top_k)
-        anomaly_maps(grids, images.shape[1], self.cfg.eval.smoothing_sigma)
+        routed_image_scores(grids, [self.tasks[j] for j in chosen], self.norms,
+                            self.cfg.eval.top_k)
+        anomaly_maps(map_values(grids, self.cfg.eval.anomaly_map, feats.shape[1]),
+                     images.shape[1], self.cfg.eval.smoothing_sigma)
         t4 = time.perf_counter()
         return {"backbone": t1 - t0, "router": t2 - t1, "expert": t3 - t2, "postprocess": t4 - t3}
 

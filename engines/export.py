@@ -4,6 +4,7 @@ manifest. The only part of ``engines/`` that needs torch.
     manifest.json
     backbone.onnx, backbone.fp16.onnx        image (B, 3, S, S) -> features, pooled
     experts/task_000_<name>.onnx (+ .fp16.onnx)   features (B, D, H, W) -> patch_nll (B, H, W)
+    experts/task_000_<name>.norm.npz         patch-NLL mean and std per grid position
     router.npz                               means, precisions, distance quantiles per task
     calibration.json                         written by `moleflow calibrate`
 
@@ -110,14 +111,25 @@ def export_engine_set(run_dir: Path, out: Path, config: Config | None = None) ->
     backbone_files = _pair(out, "backbone", onnx_bytes(BackboneGraph(extractor), image, "image",
                                                        ["features", "pooled"]))
     model = bundle.load_model(seed=cfg.train.seed)
+    norms = bundle.load_norms()
+    if evalcfg.image_score == "standardised" and len(norms) < len(bundle.tasks):
+        lacking = [t.name for t in bundle.tasks if t.index not in norms]
+        raise RunError(f"run {run_dir} has no position statistics for {', '.join(lacking)} "
+                       f"(trained before they existed): run 'moleflow eval --run {run_dir} "
+                       "--data DIR' once to compute them, or export with eval.image_score=nll")
     feats = torch.zeros(2, bundle.dim, *bundle.grid)
     experts = []
     for record in bundle.tasks:
         log.info("exporting expert %d (%s) with LoRA fused", record.index, record.name)
         data = onnx_bytes(FusedExpert(model, record.index), feats, "features", ["patch_nll"])
         files = _pair(out, f"experts/{record.stem}", data)
+        norm_ref = None
+        if record.index in norms:
+            path = out / "experts" / f"{record.stem}.norm.npz"
+            _write_if_changed(path, npz_bytes(norms[record.index].to_arrays()))
+            norm_ref = FileRef.of(out, path)
         experts.append(ExpertEntry(record.name, record.index, files,
-                                   list(getattr(record, "val_images", []) or [])))
+                                   list(getattr(record, "val_images", []) or []), norm_ref))
     router_ref = _write_router(bundle, out)
     calib = out / "calibration.json"
     import onnx
@@ -130,7 +142,8 @@ def export_engine_set(run_dir: Path, out: Path, config: Config | None = None) ->
                "name": "image", "max_batch": MAX_BATCH},
         features={"dim": bundle.dim, "grid": list(bundle.grid), "name": "features",
                   "pooled": "pooled", "output": "patch_nll"},
-        scoring={"top_k": evalcfg.top_k, "smoothing_sigma": evalcfg.smoothing_sigma},
+        scoring={"top_k": evalcfg.top_k, "smoothing_sigma": evalcfg.smoothing_sigma,
+                 "image_score": evalcfg.image_score, "anomaly_map": evalcfg.anomaly_map},
         experts=experts, router=router_ref,
         calibration=FileRef.of(out, calib) if calib.is_file() else None,
         software={"moleflow": "0.1.0", "torch": torch.__version__, "onnx": onnx.__version__,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -34,11 +35,100 @@ def preprocess(images: np.ndarray, mean: tuple, std: tuple) -> np.ndarray:
     return cv2.dnn.blobFromImagesWithParams(list(images), params)
 
 
-def image_scores(patch_nll: np.ndarray, top_k: int) -> np.ndarray:
-    """Image score: mean of the top-k patch scores on the feature grid (N,)."""
+@dataclass(frozen=True)
+class PositionNorm:
+    """One expert's patch-NLL statistics per grid position, over its own training images.
+
+    The image score may rank a grid's patches by ``(nll - mean) / std`` instead of the raw NLL:
+    positions whose NLL varies a lot between normal images (an imprint, the image border) then
+    stop dominating the top-k of normal images. The anomaly maps stay raw NLL. ``std`` is
+    floored at ``FLOOR`` times its median over the grid, so a position that is nearly constant
+    over the training images (a blank background) cannot turn noise into a large score.
+    """
+    mean: np.ndarray            # (h, w) float32
+    std: np.ndarray             # (h, w) float32, floored
+
+    FLOOR = 0.1
+
+    @classmethod
+    def fit(cls, grids: np.ndarray) -> "PositionNorm":
+        """Statistics of patch-NLL grids (N, h, w) of normal images (N >= 2)."""
+        g = np.asarray(grids, dtype=np.float64)
+        if g.ndim != 3 or len(g) < 2 or not np.all(np.isfinite(g)):
+            raise ValueError(f"need at least 2 finite (h, w) grids, got shape {g.shape}")
+        std = g.std(axis=0)
+        floor = max(cls.FLOOR * float(np.median(std)), 1e-6)
+        return cls(g.mean(axis=0).astype(np.float32), np.maximum(std, floor).astype(np.float32))
+
+    @classmethod
+    def from_arrays(cls, arrays: dict, where: str = "") -> "PositionNorm":
+        """From ``to_arrays``' dict; ``where`` (a file) prefixes the error of a bad one."""
+        prefix = f"{where}: " if where else ""
+        try:
+            mean = np.asarray(arrays["mean"], dtype=np.float32)
+            std = np.asarray(arrays["std"], dtype=np.float32)
+        except KeyError as exc:
+            raise ValueError(f"{prefix}position statistics lack {exc}") from exc
+        if mean.ndim != 2 or mean.shape != std.shape or not np.all(std > 0):
+            raise ValueError(f"{prefix}position statistics must be two positive-std (h, w) "
+                             f"grids, got mean {mean.shape}, std {std.shape}")
+        return cls(mean, std)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "std": self.std}
+
+    def apply(self, patch_nll: np.ndarray) -> np.ndarray:
+        """Standardised grids (N, h, w)."""
+        grids = np.asarray(patch_nll, dtype=np.float32)
+        if grids.shape[1:] != self.mean.shape:
+            raise ValueError(f"patch grids {grids.shape[1:]} do not match the position "
+                             f"statistics {self.mean.shape}")
+        return (grids - self.mean) / self.std
+
+
+def image_scores(patch_nll: np.ndarray, top_k: int,
+                 norm: PositionNorm | None = None) -> np.ndarray:
+    """Image score (N,): mean of the top-k patch scores on the feature grid; the patch scores
+    are the NLLs, or with ``norm`` the NLLs standardised per position (see ``PositionNorm``)."""
+    if norm is not None:
+        patch_nll = norm.apply(patch_nll)
     flat = patch_nll.reshape(len(patch_nll), -1)
     k = min(top_k, flat.shape[1])
     return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
+
+
+def routed_image_scores(patch_nll: np.ndarray, owners, norms: dict | None,
+                        top_k: int) -> np.ndarray:
+    """Image scores of grids scored by different experts: grid ``i`` standardised by the
+    statistics ``norms[owners[i]]`` (``norms`` None: raw NLL scores)."""
+    if norms is None:
+        return image_scores(patch_nll, top_k)
+    owners = np.asarray(owners)
+    out = np.empty(len(patch_nll), dtype=np.float32)
+    for owner in np.unique(owners):
+        sel = owners == owner
+        out[sel] = image_scores(patch_nll[sel], top_k, norms[owner.item()])
+    return out
+
+
+def map_values(patch_nll: np.ndarray, rule: str, dim: int) -> np.ndarray:
+    """The patch values an anomaly map is made of, from patch NLL grids (N, h, w).
+
+    'nll': the NLL itself. 'likelihood': ``1 - exp(-NLL / dim)``, one minus the patch's
+    likelihood per feature dimension, the map anomalib builds for FastFlow and CFlow. It is
+    monotone in the NLL, so a grid ranks its patches the same way; what changes is the
+    smoothing: a defect's extreme NLLs saturate instead of spreading their size over the
+    neighbouring normal pixels (measured on the three shared classes: pixel AUROC, AP and AUPRO
+    all a little higher, e.g. bottle 0.9699 -> 0.9702, AP 0.553 -> 0.556).
+    """
+    grids = np.asarray(patch_nll, dtype=np.float32)
+    if rule == "nll":
+        return grids
+    if rule != "likelihood":
+        raise ValueError(f"anomaly-map rule {rule!r} is not 'likelihood' or 'nll'")
+    # the exponent is clipped where float32 would overflow (an NLL below -80·dim nats)
+    return (1.0 - np.exp(np.minimum(-grids / np.float32(dim), np.float32(80.0)))).astype(
+        np.float32)
 
 
 def anomaly_maps(patch_nll: np.ndarray, size: int, sigma: float) -> np.ndarray:

@@ -49,6 +49,7 @@ class ExpertEntry:
     task: int
     files: dict[str, FileRef]            # "onnx", "onnx_fp16", later "plan_fp16" ...
     calibration_images: list[str] = field(default_factory=list)  # held-out train/good images
+    position_norm: FileRef | None = None  # .npz: patch-NLL mean and std per grid position
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Manifest:
     backbone: dict[str, Any]             # name, identity, files
     input: dict[str, Any]                # size, layout, colour, mean, std, dtype
     features: dict[str, Any]             # dim, grid
-    scoring: dict[str, Any]              # top_k, smoothing_sigma
+    scoring: dict[str, Any]              # top_k, smoothing_sigma, image_score (default 'nll')
     experts: list[ExpertEntry]
     router: FileRef
     calibration: FileRef | None = None
@@ -93,7 +94,9 @@ class Manifest:
             backbone["files"] = {k: FileRef(**v) for k, v in backbone["files"].items()}
             experts = [ExpertEntry(e["name"], int(e["task"]),
                                    {k: FileRef(**v) for k, v in e["files"].items()},
-                                   list(e.get("calibration_images", [])))
+                                   list(e.get("calibration_images", [])),
+                                   FileRef(**e["position_norm"]) if e.get("position_norm")
+                                   else None)
                        for e in raw["experts"]]
             calib = raw.get("calibration")
             return cls(backbone, raw["input"], raw["features"], raw["scoring"], experts,

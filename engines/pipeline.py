@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from calibration.thresholds import Calibration, ExpertCalibration
-from engines.imaging import anomaly_maps, image_scores, mahalanobis, preprocess
-from engines.manifest import EngineSetError, Manifest, verified
+from engines.imaging import (PositionNorm, anomaly_maps, mahalanobis, map_values, preprocess,
+                             routed_image_scores)
+from engines.manifest import EngineSetError, ExpertEntry, Manifest, verified
 from engines.runtime import BACKENDS, Graph, file_key
 
 
@@ -50,6 +51,7 @@ class EngineSet:
     calibration: dict[str, ExpertCalibration]     # only experts calibrated on these very files
     backend: str
     precision: str
+    norms: dict[str, PositionNorm] | None = None  # per expert, when image scores standardise
 
     @classmethod
     def open(cls, root: Path, backend: str = "onnxruntime", precision: str = "fp32",
@@ -72,6 +74,7 @@ class EngineSet:
 
         entries = manifest.experts if experts is None else [manifest.expert(n) for n in experts]
         loaded = {e.name: graph(e.files, f"expert {e.name!r}") for e in entries}
+        norms = _load_norms(root, manifest, entries)
         router = RuntimeRouter.load(verified(root, manifest.router))
         if router.names != [e.name for e in manifest.experts]:
             raise EngineSetError(f"{root}: router.npz lists {router.names}, the manifest "
@@ -80,11 +83,11 @@ class EngineSet:
         if manifest.calibration is not None:
             table = Calibration.load(verified(root, manifest.calibration))
             for e in entries:
-                cal = table.for_expert(e.name, e.files["onnx"].sha256)
+                cal = table.for_expert(e.name, e.files["onnx"].sha256, scoring_key(manifest, e))
                 if cal is not None:
                     calib[e.name] = cal
         backbone = graph(manifest.backbone["files"], "backbone")
-        return cls(root, manifest, backbone, loaded, router, calib, backend, precision)
+        return cls(root, manifest, backbone, loaded, router, calib, backend, precision, norms)
 
     @property
     def size(self) -> int:
@@ -94,12 +97,58 @@ class EngineSet:
         return list(self.experts)
 
 
+SCORING_RULES = {"image_score": ("standardised", "nll"), "anomaly_map": ("likelihood", "nll")}
+
+
+def scoring_rule(manifest: Manifest, key: str) -> str:
+    """The manifest's ``scoring[key]`` rule ('image_score' or 'anomaly_map'); engine sets from
+    before the choice existed score and map raw NLLs: 'nll'."""
+    rule = manifest.scoring.get(key, "nll")
+    if rule not in SCORING_RULES[key]:
+        raise EngineSetError(f"manifest scoring.{key} {rule!r} is not one of "
+                             f"{', '.join(SCORING_RULES[key])}")
+    return rule
+
+
+def scoring_key(manifest: Manifest, entry: ExpertEntry) -> str:
+    """How an expert's image scores and maps are computed, for calibration: a calibration
+    fitted under another rule (or other statistics) does not apply to these."""
+    rule = scoring_rule(manifest, "image_score")
+    key = f"{rule} top-{int(manifest.scoring['top_k'])}"
+    if rule == "standardised" and entry.position_norm is not None:
+        key += f" {entry.position_norm.sha256[:16]}"
+    return key + f", map {scoring_rule(manifest, 'anomaly_map')}"
+
+
+def _load_norms(root: Path, manifest: Manifest, entries: list[ExpertEntry]
+                ) -> dict[str, PositionNorm] | None:
+    if scoring_rule(manifest, "image_score") != "standardised":
+        return None
+    norms = {}
+    for e in entries:
+        if e.position_norm is None:
+            raise EngineSetError(f"expert {e.name!r} in {root} has no position statistics, "
+                                 "which scoring.image_score 'standardised' needs: re-export")
+        path = verified(root, e.position_norm)
+        with np.load(path, allow_pickle=False) as z:
+            try:
+                norm = PositionNorm.from_arrays(dict(z), str(path))
+            except ValueError as exc:
+                raise EngineSetError(str(exc)) from exc
+        if norm.mean.shape != tuple(manifest.features["grid"]):
+            raise EngineSetError(f"{path}: statistics grid {norm.mean.shape} is not the "
+                                 f"feature grid {manifest.features['grid']}")
+        norms[e.name] = norm
+    return norms
+
+
 @dataclass
 class FrameScore:
     """Everything the pipeline knows about one frame."""
     expert: str                 # the expert that scored it (nearest prototype, or the hint)
     distance: float             # routing distance to that expert
-    raw_score: float            # image score: mean of the top-k patch NLLs
+    raw_score: float            # uncalibrated image score: mean of the top-k patch scores
+                                # (NLLs, standardised per position under that scoring rule)
     score: float | None         # calibrated score in [0, 1] (None: expert not calibrated)
     anomalous: bool | None      # decision (None: expert not calibrated)
     unknown: bool               # distance over the expert's limit: no expert claims the frame
@@ -117,6 +166,8 @@ class Pipeline:
         self.mean, self.std = tuple(m.input["mean"]), tuple(m.input["std"])
         self.top_k = int(m.scoring["top_k"])
         self.sigma = float(m.scoring["smoothing_sigma"])
+        self.map_rule = scoring_rule(m, "anomaly_map")
+        self.dim = int(m.features["dim"])
         self.with_maps = with_maps
         self.index = {name: i for i, name in enumerate(engines.router.names)}
 
@@ -154,9 +205,18 @@ class Pipeline:
         order = np.argsort(row)
         return next(int(j) for j in order if self.engines.router.names[j] in self.engines.experts)
 
+    def anomaly_maps(self, patch_nll: np.ndarray) -> np.ndarray:
+        """Smoothed anomaly maps (N, S, S) at the input size from patch-NLL grids (N, h, w)."""
+        return anomaly_maps(map_values(patch_nll, self.map_rule, self.dim), self.engines.size,
+                            self.sigma)
+
     def anomaly_map(self, patch_nll: np.ndarray) -> np.ndarray:
-        """One frame's smoothed anomaly map at the input size from its patch-NLL grid."""
-        return anomaly_maps(patch_nll[None], self.engines.size, self.sigma)[0]
+        """One frame's smoothed anomaly map from its patch-NLL grid."""
+        return self.anomaly_maps(patch_nll[None])[0]
+
+    def image_scores(self, patch_nll: np.ndarray, experts: list[str]) -> np.ndarray:
+        """Uncalibrated image scores of grids, grid ``i`` scored by expert ``experts[i]``."""
+        return routed_image_scores(patch_nll, experts, self.engines.norms, self.top_k)
 
     def expert_nll(self, name: str, features: np.ndarray) -> np.ndarray:
         return self.engines.experts[name](features)["patch_nll"]
@@ -178,8 +238,8 @@ class Pipeline:
             sel = np.asarray([c == name for c in chosen])
             grids[sel] = self.expert_nll(name, np.ascontiguousarray(feats[sel]))
         t3 = time.perf_counter()
-        raw = image_scores(grids, self.top_k)
-        maps = anomaly_maps(grids, self.engines.size, self.sigma) if self.with_maps else None
+        raw = self.image_scores(grids, chosen)
+        maps = self.anomaly_maps(grids) if self.with_maps else None
         t4 = time.perf_counter()
         n = len(images)
         timings = {"backbone": (t1 - t0) / n, "router": (t2 - t1) / n, "expert": (t3 - t2) / n,

@@ -7,7 +7,10 @@ Per class of the run, on its test images (normal and defective):
   * FP16: the FP16 graphs (what TensorRT builds from): the backbone in ONNX Runtime, the experts
     in onnx's reference evaluator, which keeps every tensor in FP16 as declared (ONNX Runtime on
     a CPU silently computes FP16 ops in FP32 and would hide an overflow): no inf/nan, image
-    scores next to FP32's, and AUROC next to FP32. An image AUROC can only move where a normal
+    scores next to FP32's, and AUROC next to FP32. The graphs' numerics show in the top-k
+    patch-NLL scores (FP16 resolves 0.1 % of an NLL); a standardised image score is a
+    difference of NLLs over a few nats of spread, so the same NLL error is a larger share of it
+    (both are reported). An image AUROC can only move where a normal
     and a defective image score within FP16's own error of each other; the share of such
     near-tied pairs is reported with it (on a few dozen images one swapped pair moves the AUROC
     by more than 0.004).
@@ -18,18 +21,18 @@ patches with an NLL near zero from dividing by ~0).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from engines.fp16 import reference_evaluator
-from engines.imaging import anomaly_maps, image_scores
+from engines.imaging import image_scores
 from engines.manifest import verified
-from engines.pipeline import EngineSet, Pipeline
+from engines.pipeline import EngineSet, Pipeline, scoring_rule
 from train.bundle import RunBundle
-from train.continual import open_session
+from train.continual import ensure_norms, open_session
 from train.data import load_class
 from train.evaluate import evaluate_class
 from train.metrics import auroc
@@ -53,7 +56,8 @@ class ClassCheck:
     fp16_pixel_auroc: float
     fp16_finite: bool
     fp16_max_abs: float          # largest patch NLL seen in FP16 (overflow would be inf)
-    fp16_score_max_rel: float    # FP16 image scores vs FP32, largest relative error
+    fp16_nll_score_max_rel: float  # FP16 top-k patch-NLL scores vs FP32, largest rel. error
+    fp16_score_max_rel: float    # FP16 image scores (the set's rule) vs FP32, largest rel. error
     fp16_tied_pairs: float       # share of (normal, defective) pairs closer than FP16's error
 
     def line(self) -> str:
@@ -62,7 +66,8 @@ class ClassCheck:
                 f"onnx {self.onnx_image_auroc:.4f} fp16 {self.fp16_image_auroc:.4f} | pixel "
                 f"torch {self.torch_pixel_auroc:.4f} onnx {self.onnx_pixel_auroc:.4f} fp16 "
                 f"{self.fp16_pixel_auroc:.4f} | routing {self.onnx_routing:.3f} | fp16 finite "
-                f"{self.fp16_finite} (max NLL {self.fp16_max_abs:.0f}), image scores rel "
+                f"{self.fp16_finite} (max NLL {self.fp16_max_abs:.0f}), NLL scores rel "
+                f"{self.fp16_nll_score_max_rel:.1e}, image scores rel "
                 f"{self.fp16_score_max_rel:.1e}, pairs within it {self.fp16_tied_pairs:.4f}")
 
 
@@ -79,14 +84,19 @@ def verify_engine_set(run_dir: Path, engines_dir: Path, data_root: Path | None,
                     with_maps=True)
     experts16 = {e.name: reference_evaluator(onnx.load(verified(engines_dir, e.files["onnx_fp16"])))
                  for e in fp16.engines.manifest.experts}
-    size = session.store.image_size
+    scoring = fp32.engines.manifest.scoring  # the torch side scores images the same way
+    evalcfg = replace(session.cfg.eval, top_k=int(scoring["top_k"]),
+                      smoothing_sigma=float(scoring["smoothing_sigma"]),
+                      image_score=scoring_rule(fp32.engines.manifest, "image_score"),
+                      anomaly_map=scoring_rule(fp32.engines.manifest, "anomaly_map"))
+    ensure_norms(session, data_root)
     checks = []
     for record in bundle.tasks:
         root = data_root if data_root and (data_root / record.name).is_dir() else \
             Path(record.data_root)
         data = load_class(root, record.name)
         ref = evaluate_class(session.model, session.router, session.store, data, record.index,
-                             session.cfg.eval)
+                             evalcfg, session.norms)
         feats = session.store.features(data, "test")
         torch_nll = patch_scores(session.model, feats, record.index,
                                  session.cfg.eval.batch_size).numpy()
@@ -96,19 +106,21 @@ def verify_engine_set(run_dir: Path, engines_dir: Path, data_root: Path | None,
         masks = session.store.masks(data)
         labels = np.asarray([t.label for t in data.test])
         e2e, routed = _pipeline_nll(fp32, images)
-        half, _ = _pipeline_nll(fp16, images, experts16)
+        half, routed16 = _pipeline_nll(fp16, images, experts16)
         same = routed == record.name
-        full, half_scores = image_scores(e2e, fp32.top_k), image_scores(half, fp16.top_k)
+        full, half_scores = fp32.image_scores(e2e, routed), fp16.image_scores(half, routed16)
         checks.append(ClassCheck(
             name=record.name, images=len(images), expert_max_rel=_rel(onnx_nll, torch_nll),
             e2e_max_rel=_rel(e2e[same], torch_nll[same]) if same.any() else float("nan"),
             torch_image_auroc=ref.metrics.image_auroc, torch_pixel_auroc=ref.metrics.pixel_auroc,
             onnx_image_auroc=auroc(labels, full),
-            onnx_pixel_auroc=_pixel_auroc(masks, anomaly_maps(e2e, size, fp32.sigma)),
+            onnx_pixel_auroc=_pixel_auroc(masks, fp32.anomaly_maps(e2e)),
             onnx_routing=float(same.mean()),
             fp16_image_auroc=auroc(labels, half_scores),
-            fp16_pixel_auroc=_pixel_auroc(masks, anomaly_maps(half, size, fp16.sigma)),
+            fp16_pixel_auroc=_pixel_auroc(masks, fp16.anomaly_maps(half)),
             fp16_finite=bool(np.isfinite(half).all()), fp16_max_abs=float(np.abs(half).max()),
+            fp16_nll_score_max_rel=_rel(image_scores(half, fp16.top_k),
+                                        image_scores(e2e, fp32.top_k)),
             fp16_score_max_rel=_rel(half_scores, full),
             fp16_tied_pairs=tied_pairs(labels, full, float(np.abs(half_scores - full).max()))))
         log.info("%s", checks[-1].line())

@@ -36,7 +36,7 @@ def test_threshold_needs_finite_values():
 
 def test_normalisation_is_monotone_bounded_and_half_at_threshold():
     cal = fit_expert(np.array([10.0, 11.0, 12.0, 13.0]), np.array([5.0, 6.0, 5.5, 6.5]),
-                     np.array([1.0, 2.0, 1.5, 1.2]), 0.01, 0.005, "abc")
+                     np.array([1.0, 2.0, 1.5, 1.2]), 0.01, 0.005, "abc", "nll top-3")
     assert cal.normalise(cal.threshold) == pytest.approx(0.5)
     raw = np.array([-1e30, 0.0, cal.threshold - 1, cal.threshold + 1, 1e30])
     norm = cal.normalise(raw)
@@ -47,13 +47,15 @@ def test_normalisation_is_monotone_bounded_and_half_at_threshold():
 
 
 def test_calibration_file_round_trip_and_stale_entries(tmp_path):
-    cal = fit_expert(np.arange(10.0), np.arange(10.0), np.arange(10.0), 0.02, 0.01, "sha-1")
+    rule = "standardised top-3 0123456789abcdef"
+    cal = fit_expert(np.arange(10.0), np.arange(10.0), np.arange(10.0), 0.02, 0.01, "sha-1", rule)
     table = Calibration({"bottle": cal})
     table.save(tmp_path / "calibration.json")
     back = Calibration.load(tmp_path / "calibration.json")
-    assert back.for_expert("bottle", "sha-1") == cal
-    assert back.for_expert("bottle", "sha-2") is None  # fitted on another graph: stale
-    assert back.for_expert("cable", "sha-1") is None
+    assert back.for_expert("bottle", "sha-1", rule) == cal
+    assert back.for_expert("bottle", "sha-2", rule) is None  # fitted on another graph: stale
+    assert back.for_expert("bottle", "sha-1", "nll top-3") is None  # scores of another rule
+    assert back.for_expert("cable", "sha-1", rule) is None
     (tmp_path / "calibration.json").write_text('{"format": 1, "experts": {"x": {"bad": 1}}}')
     with pytest.raises(CalibrationError, match="malformed"):
         Calibration.load(tmp_path / "calibration.json")

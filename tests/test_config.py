@@ -37,6 +37,7 @@ def test_config_yaml_is_the_documented_default():
     ({"train": 3}, "train: must be a mapping"),
     ({"backbone": {"out_indices": []}}, "backbone.out_indices: must be a non-empty list"),
     ({"data": {"image_size": None}}, "data.image_size: a value is required"),
+    ({"eval": {"image_score": "zscore"}}, "eval.image_score: must be one of"),
 ])
 def test_bad_values_are_named_by_key(raw, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ CLI_SMALL = ["--quiet"] + [a for k, v in SMALL.items() for a in ("--set", f"{k}=
 
 def _digests(run: Path) -> dict[str, str]:
     files = [run / "base.safetensors", *sorted((run / "experts").iterdir()),
-             *sorted((run / "router").iterdir())]
+             *sorted((run / "router").iterdir()), *sorted((run / "scoring").iterdir())]
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
@@ -33,7 +34,8 @@ def _alpha_scores(run: Path, synthetic_root: Path) -> tuple[np.ndarray, np.ndarr
     from train.data import load_class
     session = open_session(run, load_config(None, SMALL), progress=False, create=False)
     feats = session.store.features(load_class(synthetic_root, "alpha"), "test")
-    return score_class(session.model, feats, np.zeros(len(feats), int), session.cfg.eval, 64)
+    return score_class(session.model, feats, np.zeros(len(feats), int), session.cfg.eval, 64,
+                       session.norms)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,7 @@ def test_run_folder_holds_everything(two_step_run):
         assert (run / name).is_file(), name
     assert len(list((run / "experts").glob("*.safetensors"))) == 2
     assert len(list((run / "router").glob("*.safetensors"))) == 2
+    assert len(list((run / "scoring").glob("*.safetensors"))) == 2
     assert len(list((run / "overlays" / "alpha").glob("*.png"))) == 2
     with open(run / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -94,6 +97,59 @@ def test_eval_reproduces_the_final_step(two_step_run, synthetic_root):
         final = {r["class"]: r for r in csv.DictReader(fh)}
     for name in ("alpha", "beta"):
         assert final[name]["image_auroc"] == last[name]["image_auroc"]
+
+
+def test_eval_computes_the_statistics_an_older_run_lacks(two_step_run, synthetic_root,
+                                                          tmp_path):
+    """A run from before position statistics existed gets them from `eval`, from the images
+    each expert trained on: byte-identical to the ones training writes."""
+    run, *_ = two_step_run
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    shutil.rmtree(old / "scoring")
+    with pytest.raises(ValueError, match=r"no position statistics for task\(s\) \[0\]"):
+        _alpha_scores(old, synthetic_root)
+    assert main(["eval", "--run", str(old), "--data", str(synthetic_root), *CLI_SMALL]) == 0
+    for path in sorted((run / "scoring").iterdir()):
+        assert (old / "scoring" / path.name).read_bytes() == path.read_bytes()
+    with open(run / "final_results.csv") as fh, open(old / "final_results.csv") as fo:
+        assert fh.read() == fo.read()
+
+
+def test_a_damaged_statistics_file_is_named(two_step_run, synthetic_root, tmp_path, capsys):
+    from safetensors.numpy import save_file
+    run, *_ = two_step_run
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    target = sorted((bad / "scoring").iterdir())[0]
+    save_file({"mean": np.zeros((8, 8), np.float32), "std": np.zeros((8, 8), np.float32)},
+              str(target))
+    assert main(["eval", "--run", str(bad), "--data", str(synthetic_root), *CLI_SMALL]) == 2
+    err = capsys.readouterr().err
+    assert f"run file {target} is damaged" in err and "positive-std" in err
+
+
+def test_image_score_and_map_rules_are_switches(two_step_run, synthetic_root):
+    """eval.image_score=nll ranks images by raw patch NLL, eval.anomaly_map=nll smooths the
+    NLL itself; the defaults standardise the image score and map the per-dimension
+    likelihood. Each switch changes its own output only."""
+    from engines.imaging import anomaly_maps, image_scores, map_values
+    from train.data import load_class
+    from train.trainer import patch_scores
+    run, *_ = two_step_run
+    std_scores, lik_maps = _alpha_scores(run, synthetic_root)
+    session = open_session(run, load_config(None, {**SMALL, "eval.image_score": "nll",
+                                                   "eval.anomaly_map": "nll"}),
+                           progress=False, create=False)
+    feats = session.store.features(load_class(synthetic_root, "alpha"), "test")
+    scores, maps = score_class(session.model, feats, np.zeros(len(feats), int),
+                               session.cfg.eval, 64, session.norms)
+    nll = patch_scores(session.model, feats, 0).numpy()
+    assert np.array_equal(scores, image_scores(nll, 3))
+    assert np.array_equal(maps, anomaly_maps(nll, 64, 4.0))
+    assert not np.allclose(scores, std_scores)
+    assert np.array_equal(std_scores, image_scores(nll, 3, session.norms[0]))
+    assert np.array_equal(lik_maps, anomaly_maps(map_values(nll, "likelihood", 152), 64, 4.0))
 
 
 def test_a_task_already_in_the_run_is_refused(two_step_run, synthetic_root, capsys):

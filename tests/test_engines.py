@@ -35,8 +35,10 @@ SMALL = {"train.epochs": 2, "data.image_size": 64, "model.coupling_blocks": 2,
 
 
 def _digests(folder: Path) -> dict[str, str]:
+    """Every expert's and the backbone's files (router.npz grows with each expert)."""
+    files = [*folder.rglob("*.onnx"), *(folder / "experts").glob("*.npz")]
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*.onnx"))}
+            for p in sorted(files)}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +63,11 @@ def test_manifest_describes_every_file_with_its_hash(engine_run):
     assert m.input["size"] == 64 and m.input["mean"] == [0.5, 0.5, 0.5]
     assert m.features["dim"] == 152 and m.features["grid"] == [8, 8]
     refs = [*m.backbone["files"].values(), m.router,
-            *(ref for e in m.experts for ref in e.files.values())]
-    assert len(refs) == 2 + 1 + 4
+            *(ref for e in m.experts for ref in e.files.values()),
+            *(e.position_norm for e in m.experts)]
+    assert len(refs) == 2 + 1 + 4 + 2
+    assert m.scoring == {"top_k": 3, "smoothing_sigma": 4.0, "image_score": "standardised",
+                         "anomaly_map": "likelihood"}
     for ref in refs:
         assert sha256_of(out / ref.path) == ref.sha256
     assert all(len(e.calibration_images) == 8 for e in m.experts)
@@ -72,7 +77,8 @@ def test_manifest_describes_every_file_with_its_hash(engine_run):
 def test_adding_an_expert_leaves_earlier_files_byte_identical(engine_run):
     _, out, first = engine_run
     now = _digests(out)
-    assert set(first) < set(now)  # beta's two graphs are new
+    assert set(first) < set(now)  # beta's two graphs and statistics are new
+    assert "experts/task_000_alpha.norm.npz" in first
     for name, digest in first.items():
         assert now[name] == digest, f"{name} changed after adding an expert"
 
@@ -134,6 +140,63 @@ def test_pipeline_routes_and_scores_like_the_run(engine_run, synthetic_root):
         assert [f.expert for f in frames] == [name] * len(frames)
         assert all(f.map.shape == (64, 64) and np.isfinite(f.raw_score) for f in frames)
         assert all(f.score is None for f in frames)  # not calibrated yet
+
+
+def test_pipeline_image_scores_are_the_runs_standardised_scores(engine_run, synthetic_root):
+    """The engine set scores an image as the run does: top-k of its expert's patch NLLs
+    standardised by that expert's position statistics (not the raw NLLs); maps too."""
+    from engines.imaging import image_scores
+    from train.continual import open_session
+    from train.evaluate import score_class
+    run, out, _ = engine_run
+    pipe = Pipeline(EngineSet.open(out), with_maps=True)
+    session = open_session(run, load_config(None, SMALL), progress=False, create=False)
+    assert sorted(session.norms) == [0, 1]
+    for name, task in (("alpha", 0), ("beta", 1)):
+        data = load_class(synthetic_root, name)
+        frames = pipe.score(load_images([t.path for t in data.test], 64))
+        feats = session.store.features(data, "test")
+        ref, ref_maps = score_class(session.model, feats, np.full(len(feats), task),
+                                    session.cfg.eval, 64, session.norms)
+        got = np.array([f.raw_score for f in frames])
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.stack([f.map for f in frames]), ref_maps, atol=1e-5)
+        nll = np.stack([f.patch_nll for f in frames])
+        raw = image_scores(nll, 3)
+        assert not np.allclose(got, raw, rtol=1e-2), "scores are standardised, not raw NLL"
+        np.testing.assert_allclose(got, image_scores(nll, 3, pipe.engines.norms[name]),
+                                   rtol=1e-6)
+
+
+def test_image_score_rule_of_the_manifest(engine_run, synthetic_root, tmp_path):
+    """Engine sets from before the rules existed score and map raw NLL; a standardised set
+    whose expert lacks its statistics is refused by name."""
+    import json
+    from engines.imaging import anomaly_maps, image_scores
+    _, out, _ = engine_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["scoring"].pop("image_score")
+    manifest["scoring"].pop("anomaly_map")
+    for e in manifest["experts"]:
+        e.pop("position_norm")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    pipe = Pipeline(EngineSet.open(copy), with_maps=True)
+    images = load_images([t.path for t in load_class(synthetic_root, "alpha").test][:4], 64)
+    frames = pipe.score(images)
+    nll = np.stack([f.patch_nll for f in frames])
+    np.testing.assert_allclose([f.raw_score for f in frames], image_scores(nll, 3), rtol=1e-6)
+    np.testing.assert_allclose(np.stack([f.map for f in frames]), anomaly_maps(nll, 64, 4.0),
+                               rtol=1e-6)
+    manifest["scoring"]["image_score"] = "standardised"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineSetError, match="'alpha' .* no position statistics.*re-export"):
+        EngineSet.open(copy)
+    manifest["scoring"].update(image_score="nll", anomaly_map="probability")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineSetError, match="scoring.anomaly_map 'probability' is not one of"):
+        Pipeline(EngineSet.open(copy))
 
 
 def test_tampered_engine_file_is_refused(engine_run, tmp_path, capsys):
@@ -254,6 +317,49 @@ def test_anomaly_maps_equal_opencv_resize_and_blur(h, w, size, sigma):
     peak = np.unravel_index(np.argmax(anomaly_maps(grids, size, sigma)[1]), (size, size))
     assert abs(peak[0] - (3 + 0.5) * size / h) <= size / h and \
         abs(peak[1] - (5 + 0.5) * size / w) <= size / w
+
+
+def test_position_norm_standardises_per_position_with_a_floored_std():
+    from engines.imaging import PositionNorm, image_scores
+    # position (0, 0) varies a lot over the normal grids, (0, 1) a little, (1, *) not at all
+    train = np.array([[[0.0, 10.0], [5.0, 5.0]], [[20.0, 12.0], [5.0, 5.0]],
+                      [[40.0, 14.0], [5.0, 5.0]]], dtype=np.float32)
+    norm = PositionNorm.fit(train)
+    std = np.sqrt(np.array([800.0, 8.0]) / 3)  # population std of (0, 20, 40) and (10, 12, 14)
+    np.testing.assert_allclose(norm.mean, [[20.0, 12.0], [5.0, 5.0]])
+    floor = 0.1 * np.median([std[0], std[1], 0.0, 0.0])  # constant positions: floored
+    np.testing.assert_allclose(norm.std, [[std[0], std[1]], [floor, floor]], rtol=1e-6)
+    test = np.array([[[50.0, 12.0], [5.0, 5.0]],    # high raw NLL where normals vary anyway
+                     [[20.0, 17.0], [5.0, 5.0]]],   # a smaller NLL where they never do
+                    dtype=np.float32)
+    z = norm.apply(test)
+    np.testing.assert_allclose(z[0, 0], [30.0 / std[0], 0.0], rtol=1e-6)
+    np.testing.assert_allclose(image_scores(test, 1, norm), [30.0 / std[0], 5.0 / std[1]],
+                               rtol=1e-6)
+    assert list(np.argsort(image_scores(test, 1))) == [1, 0]       # raw NLL: image 0 worse
+    assert list(np.argsort(image_scores(test, 1, norm))) == [0, 1]  # standardised: image 1
+    back = PositionNorm.from_arrays(norm.to_arrays())
+    assert np.array_equal(back.mean, norm.mean) and np.array_equal(back.std, norm.std)
+    with pytest.raises(ValueError, match="do not match"):
+        norm.apply(np.zeros((1, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="at least 2 finite"):
+        PositionNorm.fit(train[:1])
+    with pytest.raises(ValueError, match="positive-std"):
+        PositionNorm.from_arrays({"mean": norm.mean, "std": np.zeros((2, 2))}, "x.npz")
+
+
+def test_likelihood_map_values_are_one_minus_the_per_dimension_likelihood():
+    from engines.imaging import map_values
+    nll = np.array([[[-10.0, 0.0], [100.0, 1e6]]], dtype=np.float32)
+    lik = map_values(nll, "likelihood", 100)
+    np.testing.assert_allclose(lik[0], [[1 - np.exp(0.1), 0.0], [1 - np.exp(-1.0), 1.0]],
+                               rtol=1e-6)
+    assert lik.dtype == np.float32
+    assert np.all(np.diff(map_values(np.sort(nll.ravel())[None, None], "likelihood", 100)) >= 0)
+    assert np.isfinite(map_values(np.full((1, 1, 1), -1e9, np.float32), "likelihood", 100)).all()
+    assert np.array_equal(map_values(nll, "nll", 100), nll)
+    with pytest.raises(ValueError, match="'likelihood' or 'nll'"):
+        map_values(nll, "probability", 100)
 
 
 def test_parallelism_one_single_threaded_worker_per_core(monkeypatch):

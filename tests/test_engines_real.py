@@ -23,10 +23,12 @@ def test_exported_pipeline_matches_pytorch_and_fp16_is_safe(real_engine_set):
         assert abs(c.onnx_pixel_auroc - c.torch_pixel_auroc) <= 0.001, c.line()
         assert c.onnx_routing == 1.0, c.line()
         assert c.fp16_finite, c.line()
-        # FP16's numerics: image scores within 1 % of FP32's (FP16 resolves 0.1 %), and the
-        # image AUROC within 0.005 of FP32's unless pairs that close alone move it: on these 32
-        # images one swapped pair is 0.0042 (`moleflow verify` on whole test sets: README).
-        assert c.fp16_score_max_rel <= 1e-2, c.line()
+        # FP16's numerics: top-k NLL scores within 1 % of FP32's (FP16 resolves 0.1 % of an
+        # NLL), and the image AUROC of the set's scores (standardised: a difference of NLLs
+        # over a few nats, where the same NLL error weighs more) within 0.005 of FP32's unless
+        # pairs that close alone move it: on these 32 images one swapped pair is 0.0042
+        # (`moleflow verify` on whole test sets: README).
+        assert c.fp16_nll_score_max_rel <= 1e-2, c.line()
         assert abs(c.fp16_image_auroc - c.onnx_image_auroc) <= max(0.005, c.fp16_tied_pairs), \
             c.line()
         assert abs(c.fp16_pixel_auroc - c.onnx_pixel_auroc) <= 0.005, c.line()

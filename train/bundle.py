@@ -5,6 +5,7 @@
     base.safetensors              shared flow (written once, after task 0)
     experts/task_000_<name>.safetensors   LoRA, input adapter, DIA of one task
     router/task_000_<name>.safetensors    router mean, precision, training distances
+    scoring/task_000_<name>.safetensors   the expert's patch-NLL mean and std per grid position
     training.log, metrics.csv, final_results.csv, overlays/<class>/*.png, cache/
 
 Tensors are stored as data (safetensors), never as pickled modules. Files of a task are written
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from edge.config import Config, parse_config
 from edge.errors import MoleflowError
+from engines.imaging import PositionNorm
 from train.flow import MoLEFlow
 from train.router import PrototypeRouter, TaskPrototype
 
@@ -116,7 +118,29 @@ class RunBundle:
     def router_file(self, record: TaskRecord) -> Path:
         return self.path / "router" / f"{record.stem}.safetensors"
 
-    def save_task(self, model: MoLEFlow, record: TaskRecord, proto: TaskPrototype) -> None:
+    def norm_file(self, record: TaskRecord) -> Path:
+        return self.path / "scoring" / f"{record.stem}.safetensors"
+
+    def save_norm(self, record: TaskRecord, norm: PositionNorm) -> None:
+        """Write a task's position statistics (once: never rewritten)."""
+        (self.path / "scoring").mkdir(exist_ok=True)
+        save_np(norm.to_arrays(), str(self.norm_file(record)), metadata={"name": record.name})
+
+    def load_norms(self) -> dict[int, PositionNorm]:
+        """Position statistics by task index, of the tasks that have them (runs from before
+        they existed lack them until ``moleflow eval`` computes them)."""
+        norms = {}
+        for record in self.tasks:
+            path = self.norm_file(record)
+            if path.is_file():
+                try:
+                    norms[record.index] = PositionNorm.from_arrays(load_np(str(path)))
+                except ValueError as exc:
+                    raise RunError(f"run file {path} is damaged: {exc}") from exc
+        return norms
+
+    def save_task(self, model: MoLEFlow, record: TaskRecord, proto: TaskPrototype,
+                  norm: PositionNorm) -> None:
         """Write a newly trained task's files (and the base after the first task)."""
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if not self.tasks:
@@ -129,6 +153,7 @@ class RunBundle:
         save_np({"mean": proto.mean, "precision": proto.precision,
                  "train_distances": proto.train_distances}, str(self.router_file(record)),
                 metadata={"name": record.name})
+        self.save_norm(record, norm)
         self.tasks.append(record)
         self._write_manifest()
 

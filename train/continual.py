@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from edge.config import Config
+from engines.imaging import PositionNorm
 from train.backbone import FeatureExtractor
 from train.bundle import RunBundle, RunError, TaskRecord
 from train.data import ClassData, DataError, load_class
-from train.evaluate import ClassResult, evaluate_class, write_overlays
+from train.evaluate import ClassResult, evaluate_class, fit_norm, write_overlays
 from train.features import FeatureStore, pooled
 from train.flow import MoLEFlow
 from train.metrics import forgetting, mean_metrics
@@ -36,6 +37,7 @@ class Session:
     model: MoLEFlow | None
     router: PrototypeRouter
     store: FeatureStore
+    norms: dict[int, PositionNorm]      # position statistics per task index
 
     @property
     def cfg(self) -> Config:
@@ -74,7 +76,7 @@ def open_session(run_dir: Path, config: Config, progress: bool = True,
     cache = run_dir / "cache" if cfg.train.cache_features else None
     store = FeatureStore(extractor, size, cache, progress=progress)
     model = bundle.load_model(seed=cfg.train.seed) if bundle.tasks else None
-    return Session(bundle, model, bundle.load_router(), store)
+    return Session(bundle, model, bundle.load_router(), store, bundle.load_norms())
 
 
 def _class_data(session: Session, name: str, data_root: Path | None) -> ClassData:
@@ -85,6 +87,24 @@ def _class_data(session: Session, name: str, data_root: Path | None) -> ClassDat
             return load_class(root, name)
     raise DataError(f"class {name!r} of run {session.bundle.path} is not found in "
                     f"{data_root or record.data_root}: pass --data with its folder")
+
+
+def ensure_norms(session: Session, data_root: Path | None) -> None:
+    """Compute and store the position statistics that a run from before they existed lacks,
+    from each such task's training images (those it was trained on, not the held-out ones)."""
+    for record in session.bundle.tasks:
+        if record.index in session.norms:
+            continue
+        data = _class_data(session, record.name, data_root)
+        held = set(record.val_images)
+        fit = [i for i, p in enumerate(data.train)
+               if p.relative_to(data.root).as_posix() not in held]
+        feats = session.store.features(data, "train")[torch.as_tensor(fit)]
+        norm = fit_norm(session.model, feats, record.index, session.cfg.eval.batch_size)
+        session.bundle.save_norm(record, norm)
+        session.norms[record.index] = norm
+        log.info("task %d: %s: position statistics computed from %d training images (the run "
+                 "predates them)", record.index, record.name, len(fit))
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,11 +121,13 @@ def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
 def evaluate_all(session: Session, data_root: Path | None) -> dict[str, ClassResult]:
     """Evaluate every learned class, routed (the oracle only under the wo_router ablation)."""
     use_router = session.cfg.resolved_model().use_router
+    ensure_norms(session, data_root)
     results = {}
     for record in session.bundle.tasks:
         data = _class_data(session, record.name, data_root)
         results[record.name] = evaluate_class(session.model, session.router if use_router else None,
-                                              session.store, data, record.index, session.cfg.eval)
+                                              session.store, data, record.index, session.cfg.eval,
+                                              session.norms)
     return results
 
 
@@ -152,9 +174,11 @@ def train_tasks(run_dir: Path, data_root: Path, tasks: list[str], config: Config
         proto = fit_prototype(data.name, pooled(feats), shrinkage=cfg.router.shrinkage,
                               fixed_shrinkage=cfg.router.fixed_shrinkage, ridge=cfg.router.ridge)
         session.router.add(proto)
+        norm = fit_norm(session.model, feats, index, cfg.eval.batch_size)
+        session.norms[index] = norm
         session.bundle.save_task(session.model, TaskRecord(index, data.name, str(data_root),
                                                            round(report.seconds, 2), val_images),
-                                  proto)
+                                  proto, norm)
         results = evaluate_all(session, data_root)
         _log_step(index, results)
         session.bundle.append_metrics([{"step": index, "trained": data.name, "class": name,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from edge.config import EvalConfig
-from engines.imaging import anomaly_maps, image_scores
+from engines.imaging import PositionNorm, anomaly_maps, map_values, routed_image_scores
 from train.data import ClassData
 from train.features import FeatureStore, pooled
 from train.flow import MoLEFlow
@@ -31,24 +31,41 @@ class ClassResult:
     data: ClassData             # the test set these results are of
 
 
-def score_class(model: MoLEFlow, feats: torch.Tensor, experts: np.ndarray,
-                cfg: EvalConfig, size: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_norm(model: MoLEFlow, feats: torch.Tensor, task: int, batch_size: int) -> PositionNorm:
+    """Position statistics of ``task``'s expert over its training images' features."""
+    return PositionNorm.fit(patch_scores(model, feats, task, batch_size).numpy())
+
+
+def score_class(model: MoLEFlow, feats: torch.Tensor, experts: np.ndarray, cfg: EvalConfig,
+                size: int, norms: dict[int, PositionNorm] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Image scores and maps, each image scored by the expert in ``experts``.
 
     Every expert that is needed scores the whole class in the same fixed batches, so a score
     does not depend on how the other images of the class were routed (zero forgetting is then
-    bit-exact, not approximately so).
+    bit-exact, not approximately so). With ``cfg.image_score`` 'standardised' each image score
+    uses its expert's position statistics from ``norms``.
     """
     grids = np.empty((len(feats),) + tuple(feats.shape[2:]), dtype=np.float32)
     for task in np.unique(experts):
         nll = patch_scores(model, feats, int(task), cfg.batch_size).numpy()
         sel = experts == task
         grids[sel] = nll[sel]
-    return image_scores(grids, cfg.top_k), anomaly_maps(grids, size, cfg.smoothing_sigma)
+    if cfg.image_score == "standardised":
+        missing = sorted(set(np.unique(experts).tolist()) - set(norms or {}))
+        if missing:
+            raise ValueError(f"no position statistics for task(s) {missing}: needed by "
+                             "eval.image_score 'standardised'")
+    scores = routed_image_scores(grids, experts, norms if cfg.image_score == "standardised"
+                                 else None, cfg.top_k)
+    maps = anomaly_maps(map_values(grids, cfg.anomaly_map, feats.shape[1]), size,
+                        cfg.smoothing_sigma)
+    return scores, maps
 
 
 def evaluate_class(model: MoLEFlow, router: PrototypeRouter | None, store: FeatureStore,
-                   data: ClassData, task: int, cfg: EvalConfig) -> ClassResult:
+                   data: ClassData, task: int, cfg: EvalConfig,
+                   norms: dict[int, PositionNorm] | None = None) -> ClassResult:
     """Route every test image (or use the true task when ``router`` is None) and score it."""
     feats = store.features(data, "test")
     if router is not None:
@@ -56,7 +73,7 @@ def evaluate_class(model: MoLEFlow, router: PrototypeRouter | None, store: Featu
         routed = np.asarray([model.tasks[i] for i in routed])
     else:
         routed = np.full(len(feats), task)
-    scores, maps = score_class(model, feats, routed, cfg, store.image_size)
+    scores, maps = score_class(model, feats, routed, cfg, store.image_size, norms)
     labels = np.asarray([t.label for t in data.test])
     masks = store.masks(data)
     metrics = compute_class_metrics(labels, scores, masks, maps, routed == task,
