@@ -65,7 +65,7 @@ class ExpertCalibration:
     unknown_rate: float
     expert_sha256: str          # the expert graph these scores came from
     held_out_scores: list[float] = field(default_factory=list)
-    scoring: str = ""           # the image-score rule they were computed by (pipeline's key)
+    scoring: str = ""           # how scores and maps were computed (pipeline.scoring_key)
 
     def normalise(self, raw: np.ndarray | float) -> np.ndarray:
         """Raw image scores -> [0, 1], exactly 0.5 at the threshold."""
@@ -117,8 +117,8 @@ class Calibration:
             raise CalibrationError(f"{path}: malformed calibration file ({exc!r})") from exc
 
     def for_expert(self, name: str, expert_sha256: str, scoring: str) -> ExpertCalibration | None:
-        """The expert's calibration if it was fitted on this very expert graph with this
-        image-score rule, else None."""
+        """The expert's calibration if it was fitted on this very expert graph under this
+        scoring rule, else None."""
         cal = self.experts.get(name)
         ok = cal is not None and cal.expert_sha256 == expert_sha256 and cal.scoring == scoring
         return cal if ok else None

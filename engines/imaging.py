@@ -41,7 +41,7 @@ class PositionNorm:
 
     The image score may rank a grid's patches by ``(nll - mean) / std`` instead of the raw NLL:
     positions whose NLL varies a lot between normal images (an imprint, the image border) then
-    stop dominating the top-k of normal images. The anomaly maps stay raw NLL. ``std`` is
+    stop dominating the top-k of normal images. The anomaly maps do not use it. ``std`` is
     floored at ``FLOOR`` times its median over the grid, so a position that is nearly constant
     over the training images (a blank background) cannot turn noise into a large score.
     """

@@ -58,7 +58,7 @@ class Manifest:
     backbone: dict[str, Any]             # name, identity, files
     input: dict[str, Any]                # size, layout, colour, mean, std, dtype
     features: dict[str, Any]             # dim, grid
-    scoring: dict[str, Any]              # top_k, smoothing_sigma, image_score (default 'nll')
+    scoring: dict[str, Any]              # top_k, smoothing_sigma, image_score, anomaly_map
     experts: list[ExpertEntry]
     router: FileRef
     calibration: FileRef | None = None
