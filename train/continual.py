@@ -89,6 +89,12 @@ def _class_data(session: Session, name: str, data_root: Path | None) -> ClassDat
                     f"{data_root or record.data_root}: pass --data with its folder")
 
 
+def _image_name(data: ClassData, path: Path) -> str:
+    """How a run records one of a class's images (the held-out list): its path in the class
+    folder."""
+    return path.relative_to(data.root).as_posix()
+
+
 def ensure_norms(session: Session, data_root: Path | None) -> None:
     """Compute and store the position statistics that a run from before they existed lacks,
     from each such task's training images (those it was trained on, not the held-out ones)."""
@@ -97,8 +103,7 @@ def ensure_norms(session: Session, data_root: Path | None) -> None:
             continue
         data = _class_data(session, record.name, data_root)
         held = set(record.val_images)
-        fit = [i for i, p in enumerate(data.train)
-               if p.relative_to(data.root).as_posix() not in held]
+        fit = [i for i, p in enumerate(data.train) if _image_name(data, p) not in held]
         feats = session.store.features(data, "train")[torch.as_tensor(fit)]
         norm = fit_norm(session.model, feats, record.index, session.cfg.eval.batch_size)
         session.bundle.save_norm(record, norm)
@@ -158,7 +163,7 @@ def train_tasks(run_dir: Path, data_root: Path, tasks: list[str], config: Config
         all_feats = session.store.features(data, "train")
         fit, held = validation_split(len(all_feats), cfg.train.val_fraction, cfg.train.seed)
         feats = all_feats[torch.from_numpy(fit)]
-        val_images = [data.train[i].relative_to(data.root).as_posix() for i in held]
+        val_images = [_image_name(data, data.train[i]) for i in held]
         if session.model is None:
             torch.manual_seed(cfg.train.seed)
             session.model = MoLEFlow(session.bundle.dim, session.bundle.grid,
