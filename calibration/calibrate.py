@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from calibration.thresholds import (CALIBRATION, Calibration, CalibrationError, ExpertCalibration,
-                                    binomial_interval, fit_expert)
+                                    binomial_interval, fit_expert, unknown_rule)
 from edge.config import CalibrationConfig
+from engines.conditions import Condition, parse_condition
 from engines.manifest import FileRef, Manifest
 from engines.pipeline import EngineSet, Pipeline, scoring_key
 from train.data import DataError, load_class, load_images
@@ -40,8 +41,10 @@ class ExpertReport:
 
     def line(self) -> str:
         c = self.calibration
-        text = (f"{self.name:<14} held-out {c.n_images:>3}  threshold {c.threshold:10.3f}  "
-                f"map {c.map_threshold:10.3f}  distance limit {c.distance_limit:8.2f}")
+        text = (f"{self.name:<14} held-out {c.n_images:>3} ({c.codec})  threshold "
+                f"{c.threshold:10.3f}  "
+                f"map {c.map_threshold:10.3f}  unknown beyond distance {c.distance_limit:.1f} "
+                f"and typicality {c.typical_limit:.2f}")
         if self.test_good:
             lo, hi = binomial_interval(self.false_alarms, self.test_good)
             text += (f"  | test/good false alarms {self.false_alarms}/{self.test_good} "
@@ -53,34 +56,43 @@ class ExpertReport:
 
 
 def score_images(pipe: Pipeline, expert: str, images: np.ndarray, batch: int = 16
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Image scores, anomaly-map maxima and routing distances of ``images`` under ``expert``."""
-    scores, maxima, dists = [], [], []
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Image scores, anomaly-map maxima, routing distances and typicalities of ``images``
+    under ``expert``."""
+    scores, maxima, dists, typical = [], [], [], []
     for i in range(0, len(images), batch):
         frames = pipe.score(images[i:i + batch], hints=[expert] * len(images[i:i + batch]))
         scores += [f.raw_score for f in frames]
         maxima += [float(f.map.max()) for f in frames]
         dists += [f.distance for f in frames]
-    return np.asarray(scores), np.asarray(maxima), np.asarray(dists)
+        typical += [f.typicality for f in frames]
+    return np.asarray(scores), np.asarray(maxima), np.asarray(dists), np.asarray(typical)
 
 
 def calibrate_engine_set(root: Path, data_root: Path, cfg: CalibrationConfig,
                          force: bool = False, threads: int = 0) -> list[ExpertReport]:
     """Fit (or keep) every expert's calibration; write calibration.json and the manifest."""
     root = Path(root)
-    engines = EngineSet.open(root, threads=threads)
+    engines = EngineSet.open(root, threads=threads, with_calibration=False)
     pipe = Pipeline(engines, with_maps=True)
     manifest: Manifest = engines.manifest
     path = root / CALIBRATION
-    table = Calibration.load(path)
+    try:
+        table = Calibration.load(path)
+    except CalibrationError as exc:  # this command writes the file: start it afresh
+        log.warning("%s; every expert is calibrated anew", exc)
+        table = Calibration()
     size = engines.size
+    codec = parse_condition(cfg.codec)
     reports = []
     for entry in manifest.experts:
         sha, scoring = entry.files["onnx"].sha256, scoring_key(manifest, entry)
         old = table.for_expert(entry.name, sha, scoring)
         cls_dir = Path(data_root) / entry.name
         refit = force or old is None or old.false_alarm_rate != cfg.false_alarm_rate \
-            or old.unknown_rate != cfg.unknown_rate
+            or old.unknown_rate != cfg.unknown_rate or old.codec != codec.name \
+            or old.typical_limit is None or old.unknown_rule != unknown_rule(
+                cfg.unknown_distance_factor, cfg.unknown_typicality)
         if refit:
             if len(entry.calibration_images) < cfg.min_images:
                 raise CalibrationError(
@@ -92,11 +104,15 @@ def calibrate_engine_set(root: Path, data_root: Path, cfg: CalibrationConfig,
             if missing:
                 raise DataError(f"held-out image {missing[0]} of expert {entry.name!r} is "
                                 f"missing: pass --data with the folder the run was trained on")
-            scores, maxima, dists = score_images(pipe, entry.name, load_images(paths, size))
-            table.experts[entry.name] = fit_expert(scores, maxima, dists, cfg.false_alarm_rate,
-                                                   cfg.unknown_rate, sha, scoring)
+            images = codec.apply(load_images(paths, size), seed=0)
+            scores, maxima, dists, typical = score_images(pipe, entry.name, images)
+            table.experts[entry.name] = fit_expert(
+                scores, maxima, dists, cfg.false_alarm_rate, cfg.unknown_rate, sha, scoring,
+                typical=typical, codec=codec.name,
+                distance_factor=cfg.unknown_distance_factor,
+                typicality_margin=cfg.unknown_typicality)
         report = ExpertReport(entry.name, table.experts[entry.name], refit)
-        _check_on_test(pipe, report, cls_dir, size)
+        _check_on_test(pipe, report, cls_dir, size, codec)
         reports.append(report)
         log.info("%s", report.line())
     table.save(path)
@@ -105,8 +121,10 @@ def calibrate_engine_set(root: Path, data_root: Path, cfg: CalibrationConfig,
     return reports
 
 
-def _check_on_test(pipe: Pipeline, report: ExpertReport, cls_dir: Path, size: int) -> None:
-    """False alarms on test/good and detections on the defect images, when the class has them."""
+def _check_on_test(pipe: Pipeline, report: ExpertReport, cls_dir: Path, size: int,
+                   codec: Condition) -> None:
+    """False alarms on test/good and detections on the defect images, when the class has them,
+    the images passed through the calibration's codec as the line's frames are."""
     if not (cls_dir / "test").is_dir():
         return
     data = load_class(cls_dir.parent, cls_dir.name)
@@ -114,10 +132,10 @@ def _check_on_test(pipe: Pipeline, report: ExpertReport, cls_dir: Path, size: in
     bad = [t.path for t in data.test if t.label == 1]
     threshold = report.calibration.threshold
     if good:
-        scores, _, _ = score_images(pipe, report.name, load_images(good, size))
+        scores = score_images(pipe, report.name, codec.apply(load_images(good, size)))[0]
         report.test_good, report.false_alarms = len(good), int((scores > threshold).sum())
     if bad:
-        scores, _, _ = score_images(pipe, report.name, load_images(bad, size))
+        scores = score_images(pipe, report.name, codec.apply(load_images(bad, size)))[0]
         report.test_defective, report.detected = len(bad), int((scores > threshold).sum())
 
 

@@ -66,6 +66,11 @@ class ExpertCalibration:
     expert_sha256: str          # the expert graph these scores came from
     held_out_scores: list[float] = field(default_factory=list)
     scoring: str = ""           # how scores and maps were computed (pipeline.scoring_key)
+    # typicality (median patch score) above which a frame far from the prototype is unknown
+    # (None in calibrations from before it existed: the distance alone decides)
+    typical_limit: float | None = None
+    codec: str = "lossless"     # what the held-out images went through (calibration.codec)
+    unknown_rule: str = ""      # the settings the unknown limits were set with (unknown_rule)
 
     def normalise(self, raw: np.ndarray | float) -> np.ndarray:
         """Raw image scores -> [0, 1], exactly 0.5 at the threshold."""
@@ -77,17 +82,37 @@ class ExpertCalibration:
 
 
 def fit_expert(scores: np.ndarray, map_maxima: np.ndarray, distances: np.ndarray, far: float,
-               unknown_rate: float, expert_sha256: str, scoring: str) -> ExpertCalibration:
-    """Fit one expert from its held-out normals' image scores, map maxima and routing distances."""
+               unknown_rate: float, expert_sha256: str, scoring: str,
+               typical: np.ndarray | None = None, codec: str = "lossless",
+               distance_factor: float = 1.0, typicality_margin: float = 0.0
+               ) -> ExpertCalibration:
+    """Fit one expert from its held-out normals' image scores, map maxima, routing distances
+    and typicalities.
+
+    An unknown product must pass two limits (``Pipeline.unknown``): the routing distance's
+    ``unknown_rate`` tail times ``distance_factor``, and the typicality's tail, at least
+    ``typicality_margin`` above the held-out median (in standardised patch scores: a frame
+    whose median patch is that many standard deviations off)."""
     scores = np.asarray(scores, dtype=np.float64)
     threshold = tail_threshold(scores, far)
     spread = float(scores.std(ddof=1)) if len(scores) > 1 else 1.0
+    typical_limit = None
+    if typical is not None:
+        typical_limit = max(tail_threshold(typical, unknown_rate),
+                            float(np.median(typical)) + typicality_margin)
     return ExpertCalibration(
         threshold=threshold, scale=max(spread, 1e-6 * max(1.0, abs(threshold))),
         map_threshold=tail_threshold(map_maxima, far),
-        distance_limit=tail_threshold(distances, unknown_rate), n_images=len(scores),
-        false_alarm_rate=far, unknown_rate=unknown_rate, expert_sha256=expert_sha256,
-        held_out_scores=[round(float(s), 6) for s in scores], scoring=scoring)
+        distance_limit=distance_factor * tail_threshold(distances, unknown_rate),
+        n_images=len(scores), false_alarm_rate=far, unknown_rate=unknown_rate,
+        expert_sha256=expert_sha256, held_out_scores=[round(float(s), 6) for s in scores],
+        scoring=scoring, typical_limit=typical_limit, codec=codec,
+        unknown_rule=unknown_rule(distance_factor, typicality_margin))
+
+
+def unknown_rule(distance_factor: float, typicality_margin: float) -> str:
+    """How a calibration's unknown limits were set (a change refits them)."""
+    return f"distance x{distance_factor:g}, typicality +{typicality_margin:g}"
 
 
 @dataclass

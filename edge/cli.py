@@ -114,7 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"TensorRT plans with 'moleflow build --engines {engines}')")
     from edge.demo import replay
     line = args.run / "line"
-    result = replay(engines, data, args.tasks, cfg, line)
+    result = replay(engines, data, args.tasks, cfg, line, codec=args.camera_codec)
     print(result.text())
     print(f"alarm frames with their regions: {line / 'alarms'}; heat-map overlays: "
           f"{args.run / 'overlays'}; daemon log: {line / 'daemon.log'}")
@@ -125,6 +125,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from train.bench import bench_training
     bench_training(_data_root(args, cfg), args.task, cfg, args.repeat)
+    return 0
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    """Every class scored under named camera conditions: from a run's PyTorch model, or (with
+    --engines) from an engine set with its calibrated decisions and "unknown" flags."""
+    cfg = _config(args)
+    from engines.conditions import DEFAULT_CONDITIONS, parse_condition
+    from engines.robustness import format_table
+    conditions = [parse_condition(c) for c in (args.conditions or DEFAULT_CONDITIONS)]
+    data = Path(cfg.data.root) if cfg.data.root else None
+    if args.engines is not None:
+        from calibration.robustness import engine_robustness
+        if data is None:
+            raise ConfigError("data.root: the engine-set benchmark needs --data")
+        rows = engine_robustness(args.engines, data, conditions, threads=cfg.train.threads,
+                                 progress=not args.quiet)
+    elif args.run is not None:
+        from train.robustness import run_robustness
+        rows = run_robustness(args.run, data, conditions, cfg, not args.quiet)
+    else:
+        raise ConfigError("robustness needs --run RUN or --engines ENGINE_SET")
+    print(format_table(rows))
     return 0
 
 
@@ -237,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval": (cmd_eval, "evaluate every expert of a run, routed, without task ids"),
         "demo": (cmd_demo, "the main job end to end on the available data"),
         "bench": (cmd_bench, "time the training of one expert and print the figures"),
+        "robustness": (cmd_robustness, "score every class under camera conditions (JPEG, "
+                                       "light, noise, blur, shift, rotation)"),
         "export": (cmd_export, "export a run's experts (LoRA fused) to an ONNX engine set"),
         "calibrate": (cmd_calibrate, "fit thresholds per expert on held-out normal images"),
         "build": (cmd_build, "build TensorRT plans of an engine set on this GPU"),
@@ -252,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         _common(p)
         if name in ("train", "eval", "demo", "bench", "calibrate", "verify", "bench-engines",
-                    "bench-daemon"):
+                    "bench-daemon", "robustness"):
             p.add_argument("--data", type=Path, help="MVTec-layout folder (data.root)")
         if name in ("train", "eval", "export", "verify", "bench-engines"):
             p.add_argument("--run", type=Path, required=True, help="run folder")
@@ -265,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="frames/s offered (0 = as fast as the sender can)")
         if name in ("calibrate", "build", "verify", "bench-engines", "bench-daemon"):
             p.add_argument("--engines", type=Path, required=True, help="engine-set folder")
+        if name == "robustness":
+            p.add_argument("--run", type=Path, help="run folder (PyTorch model)")
+            p.add_argument("--engines", type=Path, help="engine-set folder (calibrated "
+                           "decisions and unknown flags)")
+            p.add_argument("--conditions", nargs="+", metavar="COND",
+                           help="conditions, e.g. lossless jpeg:85 shift:4 (default: all; see "
+                                "docs/robustness.md)")
         if name == "export":
             p.add_argument("--out", type=Path, required=True, help="engine-set folder to write")
         if name == "calibrate":
@@ -282,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "demo":
             p.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder")
             p.add_argument("--tasks", nargs="+", help="classes (default: all in the folder)")
+            p.add_argument("--camera-codec", default="jpeg:90", metavar="CODEC",
+                           help="how the demo camera sends frames: jpeg:Q (imagezmq send_jpg, "
+                                "default jpeg:90) or raw (send_image)")
         if name == "bench":
             p.add_argument("--task", default=None, help="class to train (default: the first)")
             p.add_argument("--repeat", type=int, default=1, help="timed repetitions")

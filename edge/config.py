@@ -25,9 +25,11 @@ class ConfigError(MoleflowError, ValueError):
 
 
 def opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-        choices: tuple | None = None, item: type = int) -> Any:
-    """A config field with its description and bounds (``item``: element type of a list)."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "item": item}
+        choices: tuple | None = None, item: type = int, check: str | None = None) -> Any:
+    """A config field with its description and bounds (``item``: element type of a list;
+    ``check``: a named value check from ``CHECKS``)."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "item": item,
+            "check": check}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -115,12 +117,39 @@ class TrainConfig:
     feature_noise_first: float = opt(0.2, "the same while training the first product, whose "
                                           "training fits the shared base (keeps it from "
                                           "memorising patches)", min=0.0)
+    augment_views: int = opt(4, "random views of each training image besides the image itself "
+                                "(camera jitter, light, blur, sensor noise, JPEG), features cached "
+                                "per view; each epoch trains every image on one view drawn at "
+                                "random (0 = no augmentation)", min=0, max=32)
+    augment_jpeg_min: int = opt(60, "views are JPEG-encoded (4 in 5) at a quality drawn from this "
+                                    "to 100", min=1, max=100)
+    augment_photometric: float = opt(0.1, "views' brightness and contrast gains drawn in 1 +- "
+                                          "this", min=0.0, max=0.9)
+    augment_noise: float = opt(3.0, "views' sensor-noise std drawn up to this (grey levels)",
+                               min=0.0, max=50.0)
+    augment_blur: float = opt(1.0, "a third of views defocused, Gaussian sigma drawn up to this "
+                                   "(pixels at 256 px, scaled with data.image_size)",
+                              min=0.0, max=10.0)
+    augment_shift: float = opt(4.0, "views shifted by up to this many pixels on each axis (at "
+                                     "256 px, scaled with data.image_size)",
+                               min=0.0, max=64.0)
+    augment_rotate: float = opt(3.0, "views rotated by up to this many degrees", min=0.0,
+                                max=45.0)
     seed: int = opt(0, "random seed", min=0)
     threads: int = opt(0, "torch CPU threads (0 = all cores)", min=0, max=256)
     cache_features: bool = opt(True, "cache backbone features per task in <run>/cache")
     val_fraction: float = opt(0.1, "fraction of each class's train/good images held out from "
                                    "training, for calibration (thresholds, false-alarm rate)",
                               min=0.0, max=0.5)
+
+    def augmentation(self):
+        """The random views these settings describe (None: augmentation off)."""
+        if self.augment_views == 0:
+            return None
+        from engines.conditions import Augmentation
+        return Augmentation(jpeg_min=self.augment_jpeg_min, photometric=self.augment_photometric,
+                            noise=self.augment_noise, blur=self.augment_blur,
+                            shift=self.augment_shift, rotate=self.augment_rotate)
 
 
 @dataclass(frozen=True)
@@ -152,11 +181,23 @@ class RouterConfig:
 class CalibrationConfig:
     false_alarm_rate: float = opt(0.01, "target fraction of normal frames raised as alarms "
                                         "(sets each expert's threshold)", min=1e-4, max=0.5)
-    unknown_rate: float = opt(0.005, "target fraction of a product's own frames reported as "
-                                     "unknown (sets each routing-distance limit)",
+    unknown_rate: float = opt(0.005, "tail of a product's own held-out frames that each "
+                                     "unknown-product limit starts from (see the two below)",
                               min=1e-4, max=0.5)
     min_images: int = opt(8, "fewest held-out normal images an expert is calibrated from",
                           min=3)
+    codec: str = opt("jpeg:90", "what the held-out images pass through before thresholds and "
+                     "limits are fitted, as the line's frames do: 'lossless' or 'jpeg:Q' "
+                     "(OpenCV's encoder at quality Q, as imagezmq's send_jpg)",
+                     check="codec")
+    unknown_distance_factor: float = opt(
+        4.0, "a frame is an unknown product only beyond this many times the routing-distance "
+        "limit fitted at unknown_rate (defective and compressed frames of a known product move "
+        "a few times as far; another product, ten times and more)", min=1.0, max=1000.0)
+    unknown_typicality: float = opt(
+        5.0, "... and only when its typicality (median standardised patch score under its "
+        "expert) is at least this far above the held-out images' median: most of the frame is "
+        "unlike the product, not a local defect", min=0.0)
 
 
 @dataclass(frozen=True)
@@ -246,6 +287,20 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def _codec_problem(value: str) -> str | None:
+    from engines.conditions import ConditionError, parse_condition
+    try:
+        cond = parse_condition(value)
+    except ConditionError as exc:
+        return str(exc)
+    if cond.kind not in ("lossless", "jpeg"):
+        return f"must be 'lossless' or 'jpeg:Q' (Q 1..100), got {value!r}"
+    return None
+
+
+CHECKS = {"codec": _codec_problem}
+
+
 def _check_value(key: str, f: dataclasses.Field, hint: Any, value: Any) -> Any:
     """Check one value against its type hint and bounds; return it normalised."""
     origin = typing.get_origin(hint)
@@ -282,6 +337,10 @@ def _check_value(key: str, f: dataclasses.Field, hint: Any, value: Any) -> Any:
             kind = "integers" if item is int else "strings"
             raise ConfigError(f"{key}: must be a non-empty list of {kind}, got {value!r}")
     meta = f.metadata
+    if meta.get("check"):
+        problem = CHECKS[meta["check"]](value)
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{key}: must be one of {', '.join(map(str, meta['choices']))}; "
                           f"got {value!r}")

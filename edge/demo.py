@@ -2,8 +2,10 @@
 
 Used by ``moleflow demo`` after it has trained, exported and calibrated: starts an MQTT broker
 (Mosquitto when installed, else the embedded one), ``moleflow serve`` as a child process, a
-camera that sends every test image over ZeroMQ the way imagezmq's default sender does (REQ,
-JSON header + raw BGR), and listens to the results and alarms. Ends with a summary: frames,
+camera that sends every test image over ZeroMQ the way imagezmq's default sender does (REQ;
+by default ``send_jpg``: a JSON header and the frame as JPEG at quality 90, as cameras and
+imagezmq senders on a line send them; ``raw``: ``send_image``'s header and raw BGR), and
+listens to the results and alarms. Ends with a summary: frames,
 alarms, precision / recall of the alarms against the ground-truth labels, frames/s, latency;
 alarm frames are written with their regions drawn. No torch.
 """
@@ -35,12 +37,13 @@ class DemoSummary:
     defective: int
     seconds: float
     latencies_ms: list[float]
+    codec: str = "raw"
 
     def text(self) -> str:
         precision = self.true_alarms / self.alarms if self.alarms else float("nan")
         recall = self.true_alarms / self.defective if self.defective else float("nan")
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([np.nan])
-        return (f"demo: {self.frames} frames sent, {self.results} results, {self.alarms} alarms "
+        return (f"demo: {self.frames} frames sent ({self.codec}), {self.results} results, {self.alarms} alarms "
                 f"({self.unknown} unknown) | alarm precision {precision:.3f}, recall {recall:.3f} "
                 f"against the labels ({self.defective} defective frames) | "
                 f"{self.results / self.seconds:.1f} frames/s over the replay | latency sent->"
@@ -63,8 +66,22 @@ def labelled_test_images(data_root: Path, classes: list[str]) -> list[tuple[Path
     return out
 
 
+def camera_message(bgr: np.ndarray, msg: str, codec: str = "jpeg:90") -> list[bytes]:
+    """One frame as an imagezmq sender puts it on the wire: ``send_jpg`` (``jpeg:Q``: a JSON
+    ``{"msg": ...}`` header, then the JPEG) or ``send_image`` (``raw``: the header also
+    carries dtype and shape, then the BGR buffer)."""
+    if codec in ("raw", "lossless"):
+        header = {"msg": msg, "dtype": "uint8", "shape": list(bgr.shape)}
+        return [json.dumps(header).encode(), bgr.tobytes()]
+    kind, _, quality = codec.partition(":")
+    if kind != "jpeg" or not quality.isdigit() or not 1 <= int(quality) <= 100:
+        raise MoleflowError(f"camera codec {codec!r} is not 'raw' or 'jpeg:Q' (Q 1..100)")
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    return [json.dumps({"msg": msg}).encode(), buf.tobytes()]
+
+
 def replay(engines: Path, data_root: Path, classes: list[str], cfg: Config, out: Path,
-           rate: float = 0.0) -> DemoSummary:
+           rate: float = 0.0, codec: str = "jpeg:90") -> DemoSummary:
     """Serve ``engines`` and replay the classes' test images through it (see module doc).
 
     The camera keeps at most one batch per scoring worker waiting for its result (and at
@@ -102,10 +119,9 @@ def replay(engines: Path, data_root: Path, classes: list[str], cfg: Config, out:
                             break
                     time.sleep(0.002)
                 bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-                header = {"msg": json.dumps({"camera": "demo-cam", "frame": str(i),
-                                             "timestamp": time.time()}),
-                          "dtype": "uint8", "shape": list(bgr.shape)}
-                camera.send_multipart([json.dumps(header).encode(), bgr.tobytes()])
+                msg = json.dumps({"camera": "demo-cam", "frame": str(i),
+                                  "timestamp": time.time()})
+                camera.send_multipart(camera_message(bgr, msg, codec))
                 if camera.recv() != b"OK":
                     raise MoleflowError("the daemon did not answer OK")
                 if rate > 0:
@@ -127,7 +143,8 @@ def replay(engines: Path, data_root: Path, classes: list[str], cfg: Config, out:
         unknown=sum(bool(r.get("unknown")) for r in results.values()),
         true_alarms=sum(labels[f] for f in alarms), defective=sum(labels.values()),
         seconds=seconds, latencies_ms=[1000 * (r["_received"] - r["sent_at"])
-                                       for r in results.values() if r.get("sent_at")])
+                                       for r in results.values() if r.get("sent_at")],
+        codec=codec)
     (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=1))
     return summary
 

@@ -111,6 +111,23 @@ def routed_image_scores(patch_nll: np.ndarray, owners, norms: dict | None,
     return out
 
 
+def typicality(patch_nll: np.ndarray, owners, norms: dict | None) -> np.ndarray:
+    """How unlike its expert's training images a frame is as a whole (N,): the median over the
+    grid of its patch scores (standardised per position with ``norms``, else raw NLLs).
+
+    A defect is local and leaves the median where normal frames have it; a product the expert
+    has never seen is unlike it nearly everywhere and moves the median far. This is what tells
+    an unknown product from a defective known one (``Pipeline.score``)."""
+    grids = np.asarray(patch_nll, dtype=np.float32)
+    if norms is not None:
+        owners = np.asarray(owners)
+        grids = grids.copy()
+        for owner in np.unique(owners):
+            sel = owners == owner
+            grids[sel] = norms[owner.item()].apply(grids[sel])
+    return np.median(grids.reshape(len(grids), -1), axis=1)
+
+
 def map_values(patch_nll: np.ndarray, rule: str, dim: int) -> np.ndarray:
     """The patch values an anomaly map is made of, from patch NLL grids (N, h, w).
 

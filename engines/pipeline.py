@@ -17,7 +17,7 @@ import numpy as np
 
 from calibration.thresholds import Calibration, ExpertCalibration
 from engines.imaging import (PositionNorm, anomaly_maps, mahalanobis, map_values, preprocess,
-                             routed_image_scores)
+                             routed_image_scores, typicality)
 from engines.manifest import EngineSetError, ExpertEntry, Manifest, verified
 from engines.runtime import BACKENDS, Graph, file_key
 
@@ -55,8 +55,11 @@ class EngineSet:
 
     @classmethod
     def open(cls, root: Path, backend: str = "onnxruntime", precision: str = "fp32",
-             threads: int = 0, experts: list[str] | None = None) -> "EngineSet":
-        """Load (a subset of) the engine set at ``root``, verifying every file's sha256."""
+             threads: int = 0, experts: list[str] | None = None,
+             with_calibration: bool = True) -> "EngineSet":
+        """Load (a subset of) the engine set at ``root``, verifying every file's sha256
+        (``with_calibration`` False: without its calibration, as ``calibrate`` does, which
+        fits it anew)."""
         root = Path(root)
         manifest = Manifest.load(root)
         key = file_key(backend, precision)
@@ -80,7 +83,7 @@ class EngineSet:
             raise EngineSetError(f"{root}: router.npz lists {router.names}, the manifest "
                                  f"{[e.name for e in manifest.experts]}")
         calib: dict[str, ExpertCalibration] = {}
-        if manifest.calibration is not None:
+        if manifest.calibration is not None and with_calibration:
             table = Calibration.load(verified(root, manifest.calibration))
             for e in entries:
                 cal = table.for_expert(e.name, e.files["onnx"].sha256, scoring_key(manifest, e))
@@ -151,10 +154,12 @@ class FrameScore:
                                 # (NLLs, standardised per position under that scoring rule)
     score: float | None         # calibrated score in [0, 1] (None: expert not calibrated)
     anomalous: bool | None      # decision (None: expert not calibrated)
-    unknown: bool               # distance over the expert's limit: no expert claims the frame
+    unknown: bool               # no expert claims the frame: it is far from the nearest
+                                # product's prototype and unlike its expert's images as a whole
     patch_nll: np.ndarray       # (h, w) grid
     map: np.ndarray | None      # (S, S) smoothed anomaly map (when asked for)
     timings: dict[str, float] = field(default_factory=dict)   # seconds per stage (batch share)
+    typicality: float = 0.0     # median patch score of the frame under its expert
 
 
 class Pipeline:
@@ -183,7 +188,8 @@ class Pipeline:
     def route(self, pooled: np.ndarray, hints: list[str | None] | None = None
               ) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Expert per frame (the nearest loaded one, or the hint), its distance, and whether
-        that distance exceeds the expert's calibrated limit ("unknown product")."""
+        that distance exceeds the expert's calibrated limit (the first of the two tests of an
+        unknown product, see ``unknown``)."""
         dist = self.engines.router.distances(pooled)
         names = self.engines.router.names
         chosen: list[str] = []
@@ -214,6 +220,23 @@ class Pipeline:
         """One frame's smoothed anomaly map from its patch-NLL grid."""
         return self.anomaly_maps(patch_nll[None])[0]
 
+    def unknown(self, far: np.ndarray, typical: np.ndarray, experts: list[str]) -> np.ndarray:
+        """A frame is an unknown product when its routing distance is over the expert's limit
+        (``far``) and its typicality too: a defective or compressed frame of a known product
+        can move the image-level feature, but only a product the expert has not learned is
+        unlike it nearly everywhere. Calibrations from before the typicality limit existed
+        decide by the distance alone."""
+        out = np.asarray(far, dtype=bool).copy()
+        for i, name in enumerate(experts):
+            cal = self.engines.calibration.get(name)
+            if out[i] and cal is not None and cal.typical_limit is not None:
+                out[i] = typical[i] > cal.typical_limit
+        return out
+
+    def typicality(self, patch_nll: np.ndarray, experts: list[str]) -> np.ndarray:
+        """Median patch score of each grid under its expert (see ``imaging.typicality``)."""
+        return typicality(patch_nll, experts, self.engines.norms)
+
     def image_scores(self, patch_nll: np.ndarray, experts: list[str]) -> np.ndarray:
         """Uncalibrated image scores of grids, grid ``i`` scored by expert ``experts[i]``."""
         return routed_image_scores(patch_nll, experts, self.engines.norms, self.top_k)
@@ -231,7 +254,7 @@ class Pipeline:
         t0 = time.perf_counter()
         feats, pooled = self.features(images)
         t1 = time.perf_counter()
-        chosen, dist, unknown = self.route(pooled, hints)
+        chosen, dist, far = self.route(pooled, hints)
         t2 = time.perf_counter()
         grids = np.zeros((len(images),) + feats.shape[2:], dtype=np.float32)
         for name in sorted(set(chosen)):
@@ -239,6 +262,8 @@ class Pipeline:
             grids[sel] = self.expert_nll(name, np.ascontiguousarray(feats[sel]))
         t3 = time.perf_counter()
         raw = self.image_scores(grids, chosen)
+        typical = self.typicality(grids, chosen)
+        unknown = self.unknown(far, typical, chosen)
         maps = self.anomaly_maps(grids) if self.with_maps else None
         t4 = time.perf_counter()
         n = len(images)
@@ -251,6 +276,6 @@ class Pipeline:
                 expert=name, distance=float(dist[i]), raw_score=float(raw[i]),
                 score=float(cal.normalise(raw[i])) if cal else None,
                 anomalous=bool(cal.is_anomalous(raw[i])) if cal else None,
-                unknown=bool(unknown[i]), patch_nll=grids[i],
+                unknown=bool(unknown[i]), typicality=float(typical[i]), patch_nll=grids[i],
                 map=maps[i] if maps is not None else None, timings=dict(timings)))
         return out

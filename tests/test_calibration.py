@@ -65,3 +65,42 @@ def test_binomial_interval_contains_the_rate():
     lo, hi = binomial_interval(1, 60)
     assert lo < 1 / 60 < hi and 0 <= lo and hi < 0.1
     assert binomial_interval(0, 20)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_unknown_limits_follow_their_settings_and_are_recorded():
+    rng = np.random.default_rng(3)
+    scores, dists, typical = rng.normal(5, 1, 21), rng.normal(12, 2, 21), rng.normal(0, 0.3, 21)
+    plain = fit_expert(scores, scores, dists, 0.01, 0.005, "sha", "rule", typical=typical,
+                       codec="jpeg:90")
+    wide = fit_expert(scores, scores, dists, 0.01, 0.005, "sha", "rule", typical=typical,
+                      codec="jpeg:90", distance_factor=4.0, typicality_margin=5.0)
+    assert plain.distance_limit == pytest.approx(tail_threshold(dists, 0.005))
+    assert plain.typical_limit == pytest.approx(tail_threshold(typical, 0.005))
+    assert wide.distance_limit == pytest.approx(4 * plain.distance_limit)
+    assert wide.typical_limit == pytest.approx(np.median(typical) + 5.0)
+    assert wide.threshold == plain.threshold  # the alarm threshold does not change
+    assert wide.codec == "jpeg:90" and wide.unknown_rule != plain.unknown_rule
+    # a calibration file from before typicality and codec existed still loads
+    old = {k: v for k, v in plain.__dict__.items()
+           if k not in ("typical_limit", "codec", "unknown_rule")}
+    from calibration.thresholds import ExpertCalibration
+    legacy = ExpertCalibration(**old)
+    assert legacy.typical_limit is None and legacy.codec == "lossless"
+
+
+def test_unknown_needs_both_the_distance_and_the_typicality():
+    """A far frame whose patches are mostly typical (a defect, a compressed frame) is known;
+    a far frame unlike the expert nearly everywhere is unknown; old calibrations without a
+    typicality limit decide by distance alone."""
+    from types import SimpleNamespace
+
+    from engines.pipeline import Pipeline
+    cal = fit_expert(np.arange(10.0), np.arange(10.0), np.arange(10.0), 0.01, 0.005, "s", "r",
+                     typical=np.linspace(-0.5, 0.5, 10))
+    legacy = fit_expert(np.arange(10.0), np.arange(10.0), np.arange(10.0), 0.01, 0.005, "s", "r")
+    pipe = Pipeline.__new__(Pipeline)
+    pipe.engines = SimpleNamespace(calibration={"a": cal, "old": legacy})
+    far = np.array([False, True, True, True, True])
+    typical = np.array([50.0, 0.1, 50.0, 0.1, np.inf])
+    experts = ["a", "a", "a", "old", "none"]
+    assert pipe.unknown(far, typical, experts).tolist() == [False, False, True, True, True]

@@ -67,3 +67,14 @@ def test_broken_files_are_reported(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(scalar)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("jpeg:101", "calibration.codec: condition 'jpeg:101'"),
+    ("shift:4", "calibration.codec: must be 'lossless' or 'jpeg:Q'"),
+    ("png", "calibration.codec: condition 'png' is not one of")])
+def test_calibration_codec_is_checked(value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {"calibration.codec": value})
+    assert load_config(None, {"calibration.codec": "lossless"}).calibration.codec == "lossless"
+    assert load_config(None, {}).calibration.codec == "jpeg:90"

@@ -60,3 +60,20 @@ def test_calibration_thresholds_hold_on_unseen_normals(real_engine_set):
         assert 0.0 <= f.score <= 1.0
         assert f.anomalous == (f.raw_score > cal.threshold) == (f.score > 0.5)
         assert not f.unknown  # its own product is not "unknown"
+
+
+def test_unknown_is_a_product_without_expert_not_a_defect(real_engine_set):
+    """Leave-one-out on real images: a class whose expert is left out of the set is flagged
+    unknown (>= 95 % of its frames), while the known classes' frames, good and defective, are
+    not (<= 1 %); both as lossless frames and as JPEG q90 frames from a camera."""
+    from calibration.robustness import engine_robustness, leave_one_out
+    from engines.conditions import parse_condition
+    _, data, out = real_engine_set
+    conds = [parse_condition("lossless"), parse_condition("jpeg:90")]
+    for left, cond, unknown, frames in leave_one_out(out, data, conds):
+        assert unknown >= 0.95 * frames, (left, cond, unknown, frames)
+    rows = engine_robustness(out, data, conds, progress=False)
+    known = sum(r.unknown for r in rows)
+    frames = sum(r.good + r.defective for r in rows)
+    assert known <= 0.01 * frames, "\n".join(r.line() for r in rows)
+    assert all(r.routing == 1.0 for r in rows)

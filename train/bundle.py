@@ -55,6 +55,11 @@ class TaskRecord:
     data_root: str
     train_seconds: float = 0.0
     val_images: list[str] = field(default_factory=list)  # train/good held out for calibration
+    # random views the expert trained on: their count, the Augmentation's fields and seed
+    # (0 / None in runs from before augmentation)
+    augment_views: int = 0
+    augmentation: dict | None = None
+    augment_seed: int = 0
 
     @property
     def stem(self) -> str:

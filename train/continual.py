@@ -8,13 +8,14 @@ per-step matrix (metrics.csv) from which forgetting is computed.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from edge.config import Config
+from engines.conditions import Augmentation
 from engines.imaging import PositionNorm
 from train.backbone import FeatureExtractor
 from train.bundle import RunBundle, RunError, TaskRecord
@@ -97,14 +98,17 @@ def _image_name(data: ClassData, path: Path) -> str:
 
 def ensure_norms(session: Session, data_root: Path | None) -> None:
     """Compute and store the position statistics that a run from before they existed lacks,
-    from each such task's training images (those it was trained on, not the held-out ones)."""
+    from each such task's training images and their views (those it was trained on, not the
+    held-out ones)."""
     for record in session.bundle.tasks:
         if record.index in session.norms:
             continue
         data = _class_data(session, record.name, data_root)
         held = set(record.val_images)
         fit = [i for i, p in enumerate(data.train) if _image_name(data, p) not in held]
-        feats = session.store.features(data, "train")[torch.as_tensor(fit)]
+        aug = Augmentation(**record.augmentation) if record.augmentation else None
+        views = session.store.views(data, record.augment_views, aug, record.augment_seed)
+        feats = torch.cat([v[torch.as_tensor(fit)] for v in views])
         norm = fit_norm(session.model, feats, record.index, session.cfg.eval.batch_size)
         session.bundle.save_norm(record, norm)
         session.norms[record.index] = norm
@@ -160,9 +164,11 @@ def train_tasks(run_dir: Path, data_root: Path, tasks: list[str], config: Config
     results: dict[str, ClassResult] = {}
     for data in datas:
         index = len(session.bundle.tasks)
-        all_feats = session.store.features(data, "train")
-        fit, held = validation_split(len(all_feats), cfg.train.val_fraction, cfg.train.seed)
-        feats = all_feats[torch.from_numpy(fit)]
+        all_views = session.store.views(data, cfg.train.augment_views,
+                                        cfg.train.augmentation(), cfg.train.seed)
+        fit, held = validation_split(len(all_views[0]), cfg.train.val_fraction, cfg.train.seed)
+        views = [v[torch.from_numpy(fit)] for v in all_views]
+        feats = views[0]
         val_images = [_image_name(data, data.train[i]) for i in held]
         if session.model is None:
             torch.manual_seed(cfg.train.seed)
@@ -173,17 +179,23 @@ def train_tasks(run_dir: Path, data_root: Path, tasks: list[str], config: Config
         log.info("task %d: %s, %d training images (%d held out for calibration)", index,
                  data.name, len(feats), len(held))
         report: TrainReport = train_task(session.model, index, feats, cfg.train,
-                                         cfg.resolved_model(), progress)
+                                         cfg.resolved_model(), progress, views)
         log.info("task %d: trained %d parameters in %.1f s (%d epochs, final loss %.3f)", index,
                  report.trainable_params, report.seconds, report.epochs, report.final_loss)
-        proto = fit_prototype(data.name, pooled(feats), shrinkage=cfg.router.shrinkage,
+        # the router and the position statistics see every view: a frame from the line
+        # (compressed, jittered) is as typical of its product as the file it came from
+        every = torch.cat(views)
+        proto = fit_prototype(data.name, pooled(every), shrinkage=cfg.router.shrinkage,
                               fixed_shrinkage=cfg.router.fixed_shrinkage, ridge=cfg.router.ridge)
         session.router.add(proto)
-        norm = fit_norm(session.model, feats, index, cfg.eval.batch_size)
+        norm = fit_norm(session.model, every, index, cfg.eval.batch_size)
+        del every
         session.norms[index] = norm
-        session.bundle.save_task(session.model, TaskRecord(index, data.name, str(data_root),
-                                                           round(report.seconds, 2), val_images),
-                                  proto, norm)
+        aug = cfg.train.augmentation()
+        record = TaskRecord(index, data.name, str(data_root), round(report.seconds, 2),
+                            val_images, len(views) - 1, asdict(aug) if aug else None,
+                            cfg.train.seed)
+        session.bundle.save_task(session.model, record, proto, norm)
         results = evaluate_all(session, data_root)
         _log_step(index, results)
         session.bundle.append_metrics([{"step": index, "trained": data.name, "class": name,

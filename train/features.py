@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from engines.conditions import Augmentation
 from train.backbone import FeatureExtractor, extract
 from train.data import ClassData, load_images, read_mask
 
@@ -40,26 +41,46 @@ class FeatureStore:
         """uint8 RGB images (N, S, S, 3) at the store's size."""
         return load_images(paths, self.image_size)
 
-    def features(self, data: ClassData, split: str) -> torch.Tensor:
-        """(N, D, H, W) float32 features of ``split`` ('train' or 'test') of ``data``."""
+    def features(self, data: ClassData, split: str, view: int = 0,
+                 augmentation: Augmentation | None = None, seed: int = 0) -> torch.Tensor:
+        """(N, D, H, W) float32 features of ``split`` ('train' or 'test') of ``data``.
+
+        ``view`` 0 is the images as they are; view ``v`` > 0 is the ``v``-th random view of
+        every image under ``augmentation`` (drawn with ``seed``), cached under its own key."""
+        if view and augmentation is None:
+            raise ValueError("a view > 0 needs an augmentation")
         path = None
         if self.cache_dir is not None:
-            path = self.cache_dir / f"{data.name}-{split}-{self._key(data, split)}.npy"
+            ident = self._key(data, split) if view == 0 else hashlib.sha256(
+                f"{self._key(data, split)}|{augmentation.spec}|seed{seed}|view{view}".encode()
+            ).hexdigest()[:20]
+            tag = split if view == 0 else f"{split}v{view}"
+            path = self.cache_dir / f"{data.name}-{tag}-{ident}.npy"
             if path.is_file():
                 return torch.from_numpy(np.load(path))
         images = self.images_of(self._paths(data, split))
-        bar = tqdm(total=len(images), desc=f"features {data.name}/{split}", unit="img",
+        if view:
+            images = augmentation.views(images, view, seed)
+        bar = tqdm(total=len(images), desc=f"features {data.name}/{split}"
+                   + (f" view {view}" if view else ""), unit="img",
                    disable=not self.progress, leave=False)
         feats = extract(self.extractor, images, progress=bar.update)
         bar.close()
         if path is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.cache_dir.glob(f"{data.name}-{split}-*.npy"):
+            for stale in self.cache_dir.glob(f"{data.name}-{tag}-*.npy"):
                 stale.unlink()
             tmp = path.with_suffix(".tmp.npy")
             np.save(tmp, feats.numpy())
             tmp.replace(path)
         return feats
+
+    def views(self, data: ClassData, count: int, augmentation: Augmentation | None,
+              seed: int = 0) -> list[torch.Tensor]:
+        """The training images' features as they are, then ``count`` random views of them."""
+        if augmentation is None:
+            count = 0
+        return [self.features(data, "train", v, augmentation, seed) for v in range(count + 1)]
 
     def masks(self, data: ClassData) -> np.ndarray:
         """Ground-truth masks (N, S, S) bool of the test images (all-false for good ones)."""

@@ -56,8 +56,13 @@ def freeze_for_task(model: MoLEFlow, task: int) -> list[torch.nn.Parameter]:
 
 
 def train_task(model: MoLEFlow, task: int, feats: torch.Tensor, cfg: TrainConfig,
-               model_cfg: ModelConfig, progress: bool = True) -> TrainReport:
-    """Fit ``task``'s expert (and the base when it is the first task) on features (N, D, H, W)."""
+               model_cfg: ModelConfig, progress: bool = True,
+               views: list[torch.Tensor] | None = None) -> TrainReport:
+    """Fit ``task``'s expert (and the base when it is the first task) on features (N, D, H, W).
+
+    With ``views`` (the same images' features as they are and under random camera changes,
+    each (N, D, H, W)), every image of a batch takes one view drawn at random: an epoch costs
+    the same, and the density learns what the line's frames look like."""
     start = time.perf_counter()
     params = freeze_for_task(model, task)
     first = model.is_first(task)
@@ -66,6 +71,9 @@ def train_task(model: MoLEFlow, task: int, feats: torch.Tensor, cfg: TrainConfig
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + task)
     n = len(feats)
+    stacked = torch.stack(views) if views is not None and len(views) > 1 else None
+    if stacked is not None and stacked.shape[1] != n:
+        raise ValueError(f"views have {stacked.shape[1]} images, features {n}")
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
     warmup = 0 if first else cfg.warmup_epochs * steps_per_epoch
@@ -79,7 +87,12 @@ def train_task(model: MoLEFlow, task: int, feats: torch.Tensor, cfg: TrainConfig
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(step, total, warmup, cfg.min_lr_ratio)
             step += 1
-            x = model.embed(feats[order[i:i + cfg.batch_size]], task)
+            idx = order[i:i + cfg.batch_size]
+            if stacked is None:
+                batch = feats[idx]
+            else:
+                batch = stacked[torch.randint(len(stacked), (len(idx),), generator=gen), idx]
+            x = model.embed(batch, task)
             if noise > 0:
                 x = x + noise * torch.randn(x.shape, generator=gen)
             z, logdet = model.transform(x, task)

@@ -1,0 +1,128 @@
+"""The robustness benchmark (run and engine set), calibration on the line's codec, and the
+"unknown product" decision, on the synthetic set (mechanics, not accuracy)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from calibration.calibrate import calibrate_engine_set
+from calibration.robustness import engine_robustness, leave_one_out
+from edge.cli import main
+from edge.config import load_config
+from engines.conditions import parse_condition
+from engines.export import export_engine_set
+from train.continual import train_tasks
+from train.robustness import run_robustness
+
+SMALL = {"train.epochs": 2, "data.image_size": 64, "model.coupling_blocks": 2,
+         "model.lora_rank": 8, "eval.overlays_per_class": 0, "train.val_fraction": 0.34,
+         "train.augment_views": 2}
+CONDS = [parse_condition(c) for c in ("lossless", "jpeg:85", "shift:2")]
+
+
+@pytest.fixture(scope="module")
+def calibrated(synthetic_root, tmp_path_factory):
+    """alpha then beta, exported, calibrated on JPEG q90 held-out images (the default)."""
+    base = tmp_path_factory.mktemp("robust")
+    run, out = base / "run", base / "engines"
+    cfg = load_config(None, SMALL)
+    train_tasks(run, synthetic_root, ["alpha", "beta"], cfg, progress=False)
+    export_engine_set(run, out)
+    calibrate_engine_set(out, synthetic_root, cfg.calibration)
+    return run, out, cfg
+
+
+def test_run_benchmark_lossless_row_is_evals_result(calibrated, synthetic_root):
+    run, _, cfg = calibrated
+    rows = run_robustness(run, synthetic_root, CONDS, cfg, progress=False)
+    assert [(r.name, r.condition) for r in rows] == [
+        (n, c.name) for n in ("alpha", "beta") for c in CONDS]
+    with open(run / "final_results.csv") as fh:
+        final = {r["class"]: r for r in csv.DictReader(fh)}
+    for r in rows:
+        assert 0.0 <= r.image_auroc <= 1.0 and 0.0 <= r.pixel_auroc <= 1.0
+        if r.condition == "lossless":
+            assert r.image_auroc == pytest.approx(float(final[r.name]["image_auroc"]), abs=1e-6)
+            assert r.pixel_auroc == pytest.approx(float(final[r.name]["pixel_auroc"]), abs=1e-6)
+            assert r.routing == 1.0
+
+
+def test_engine_benchmark_reports_decisions_and_the_cli_prints_the_table(
+        calibrated, synthetic_root, capsys):
+    _, out, _ = calibrated
+    rows = engine_robustness(out, synthetic_root, CONDS, progress=False)
+    assert len(rows) == 6 and all(r.calibrated for r in rows)
+    for r in rows:
+        assert r.good > 0 and r.defective > 0
+        assert 0 <= r.false_alarms <= r.good and 0 <= r.flagged <= r.defective
+        assert 0 <= r.unknown <= r.good + r.defective
+    assert main(["robustness", "--engines", str(out), "--data", str(synthetic_root),
+                 "--conditions", "lossless", "jpeg:75", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "| alpha | jpeg:75 |" in table and "false alarms" in table
+    assert "largest image-AUROC drop from lossless" in table
+    assert main(["robustness", "--engines", str(out), "--data", str(synthetic_root),
+                 "--conditions", "jpeg:500"]) == 2
+    assert "jpeg must be in 1..100" in capsys.readouterr().err
+
+
+def test_calibration_follows_the_codec(calibrated, synthetic_root, capsys):
+    _, out, _ = calibrated
+    table = json.loads((out / "calibration.json").read_text())["experts"]
+    assert {e["codec"] for e in table.values()} == {"jpeg:90"}
+    assert all(e["typical_limit"] is not None for e in table.values())
+    # another codec refits every expert; the same one keeps them
+    assert main(["calibrate", "--engines", str(out), "--data", str(synthetic_root),
+                 "--set", "calibration.codec=lossless", "--quiet"]) == 0
+    lossless = json.loads((out / "calibration.json").read_text())["experts"]
+    assert {e["codec"] for e in lossless.values()} == {"lossless"}
+    assert lossless["alpha"]["held_out_scores"] != table["alpha"]["held_out_scores"]
+    assert "(lossless)" in capsys.readouterr().out
+    assert main(["calibrate", "--engines", str(out), "--data", str(synthetic_root),
+                 "--set", "calibration.codec=jpeg:90", "--quiet"]) == 0
+    again = json.loads((out / "calibration.json").read_text())["experts"]
+    assert again == table
+    assert main(["calibrate", "--engines", str(out), "--data", str(synthetic_root),
+                 "--set", "calibration.codec=jpeg:0"]) == 2
+    assert "calibration.codec" in capsys.readouterr().err
+
+
+def test_leave_one_out_scores_each_class_without_its_expert(calibrated, synthetic_root):
+    """The mechanics (the figures on real images are in test_engines_real): every class's
+    test frames, under every condition, against the set without that class's expert."""
+    _, out, _ = calibrated
+    conds = [parse_condition("lossless"), parse_condition("jpeg:90")]
+    rows = leave_one_out(out, synthetic_root, conds)
+    assert [(r[0], r[1]) for r in rows] == [(n, c.name) for n in ("alpha", "beta")
+                                              for c in conds]
+    from train.data import load_class
+    for left, _, unknown, frames in rows:
+        assert frames == len(load_class(synthetic_root, left).test) and 0 <= unknown <= frames
+
+
+def test_training_views_are_cached_keyed_and_recorded(calibrated, synthetic_root):
+    run, _, cfg = calibrated
+    meta = json.loads((run / "run.json").read_text())
+    assert [t["augment_views"] for t in meta["tasks"]] == [2, 2]
+    assert meta["tasks"][0]["augmentation"]["jpeg_min"] == cfg.train.augment_jpeg_min
+    names = sorted(p.name.split("-")[1] for p in (run / "cache").glob("alpha-*.npy"))
+    assert names == ["test", "train", "trainv1", "trainv2"]
+    from train.continual import open_session
+    from train.data import load_class
+    session = open_session(run, cfg, progress=False, create=False)
+    data = load_class(synthetic_root, "alpha")
+    aug = cfg.train.augmentation()
+    views = session.store.views(data, 2, aug, cfg.train.seed)
+    fresh = session.store.__class__(session.store.extractor, 64, None, progress=False)
+    again = fresh.views(data, 2, aug, cfg.train.seed)
+    for cached, computed in zip(views, again):
+        np.testing.assert_array_equal(cached.numpy(), computed.numpy())
+    assert not np.array_equal(views[0].numpy(), views[1].numpy())
+    other = cfg.train.augmentation().__class__(shift=1.0)
+    assert not np.array_equal(session.store.features(data, "train", 1, other).numpy(),
+                              views[1].numpy())
+    assert len(list((run / "cache").glob("alpha-trainv1-*.npy"))) == 1  # stale entry replaced
