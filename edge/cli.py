@@ -142,6 +142,12 @@ def cmd_robustness(args: argparse.Namespace) -> int:
             raise ConfigError("data.root: the engine-set benchmark needs --data")
         rows = engine_robustness(args.engines, data, conditions, threads=cfg.train.threads,
                                  progress=not args.quiet)
+        if args.leave_one_out:
+            from calibration.robustness import leave_one_out
+            for left, cond, unknown, frames in leave_one_out(args.engines, data, conditions,
+                                                             threads=cfg.train.threads):
+                print(f"without the {left} expert, {cond}: {unknown}/{frames} of its frames "
+                      f"unknown ({unknown / frames:.1%})")
     elif args.run is not None:
         from train.robustness import run_robustness
         rows = run_robustness(args.run, data, conditions, cfg, not args.quiet)
@@ -294,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--run", type=Path, help="run folder (PyTorch model)")
             p.add_argument("--engines", type=Path, help="engine-set folder (calibrated "
                            "decisions and unknown flags)")
+            p.add_argument("--leave-one-out", action="store_true",
+                           help="with --engines: also score each class's frames against the "
+                                "set without its expert (how many are called unknown)")
             p.add_argument("--conditions", nargs="+", metavar="COND",
                            help="conditions, e.g. lossless jpeg:85 shift:4 (default: all; see "
                                 "docs/robustness.md)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -38,16 +38,27 @@ class DemoSummary:
     seconds: float
     latencies_ms: list[float]
     codec: str = "raw"
+    # per class: [good frames, good frames alarmed, defective frames, defective alarmed,
+    # frames flagged unknown]
+    per_class: dict[str, list[int]] = field(default_factory=dict)
 
     def text(self) -> str:
         precision = self.true_alarms / self.alarms if self.alarms else float("nan")
         recall = self.true_alarms / self.defective if self.defective else float("nan")
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([np.nan])
-        return (f"demo: {self.frames} frames sent ({self.codec}), {self.results} results, {self.alarms} alarms "
-                f"({self.unknown} unknown) | alarm precision {precision:.3f}, recall {recall:.3f} "
-                f"against the labels ({self.defective} defective frames) | "
-                f"{self.results / self.seconds:.1f} frames/s over the replay | latency sent->"
-                f"result p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms")
+        good = sum(c[0] for c in self.per_class.values())
+        false_alarms = sum(c[1] for c in self.per_class.values())
+        lines = [f"  {name:<14} false alarms {c[1]}/{c[0]}  defects flagged {c[3]}/{c[2]}  "
+                 f"unknown {c[4]}/{c[0] + c[2]}" for name, c in self.per_class.items()]
+        if good:
+            lines.append(f"  pooled false alarms on good frames {false_alarms}/{good} = "
+                         f"{false_alarms / good:.1%}")
+        return (f"demo: {self.frames} frames sent ({self.codec}), {self.results} results, "
+                f"{self.alarms} alarms ({self.unknown} unknown) | alarm precision "
+                f"{precision:.3f}, recall {recall:.3f} against the labels ({self.defective} "
+                f"defective frames) | {self.results / self.seconds:.1f} frames/s over the "
+                f"replay | latency sent->result p50 {np.percentile(lat, 50):.1f} ms, p99 "
+                f"{np.percentile(lat, 99):.1f} ms" + "".join("\n" + x for x in lines))
 
 
 def labelled_test_images(data_root: Path, classes: list[str]) -> list[tuple[Path, str, int]]:
@@ -144,9 +155,21 @@ def replay(engines: Path, data_root: Path, classes: list[str], cfg: Config, out:
         true_alarms=sum(labels[f] for f in alarms), defective=sum(labels.values()),
         seconds=seconds, latencies_ms=[1000 * (r["_received"] - r["sent_at"])
                                        for r in results.values() if r.get("sent_at")],
-        codec=codec)
+        codec=codec, per_class=_per_class(frames, results, alarms))
     (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=1))
     return summary
+
+
+def _per_class(frames, results: dict[str, dict], alarms: dict[str, dict]
+               ) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, (_, name, label) in enumerate(frames):
+        c = out.setdefault(name, [0, 0, 0, 0, 0])
+        key = str(i)
+        c[2 * label] += 1
+        c[2 * label + 1] += key in alarms
+        c[4] += bool(results.get(key, {}).get("unknown"))
+    return out
 
 
 def _draw_alarms(frames, alarms: dict[str, dict], folder: Path, limit: int = 24) -> None:

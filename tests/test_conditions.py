@@ -96,3 +96,23 @@ def test_augmented_views_are_reproducible_per_image_and_view(images):
                        rotate=0.0)
     assert np.array_equal(off.views(images, 3, seed=0), images)
     assert aug.spec != off.spec
+
+
+def test_demo_camera_sends_what_imagezmq_sends_and_the_daemon_decodes_it(images):
+    """send_jpg's message (header without shape, then the JPEG) decodes on the daemon side to
+    exactly the frame the calibration codec and the benchmark's jpeg:Q condition produce;
+    send_image's raw message decodes to the frame itself."""
+    import json
+
+    from edge.demo import camera_message
+    from edge.errors import MoleflowError
+    from edge.frames import decode
+    bgr = cv2.cvtColor(images[0], cv2.COLOR_RGB2BGR)
+    parts = camera_message(bgr, "cam|7", "jpeg:90")
+    assert set(json.loads(parts[0])) == {"msg"} and parts[1][:2] == b"\xff\xd8"
+    frame = decode(parts, 64, 1 << 20, 4096)
+    assert np.array_equal(frame.image, parse_condition("jpeg:90").apply(images[0]))
+    raw = decode(camera_message(bgr, "cam|8", "raw"), 64, 1 << 20, 4096)
+    assert np.array_equal(raw.image, images[0])
+    with pytest.raises(MoleflowError, match="camera codec 'jpeg:0'"):
+        camera_message(bgr, "cam|9", "jpeg:0")

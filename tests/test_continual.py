@@ -216,6 +216,12 @@ def test_demo_runs_end_to_end_on_a_data_folder(synthetic_root, tmp_path):
     assert line["frames"] == line["results"] == 3 * 12 and line["defective"] == 18
     drawn = len(list((run / "line" / "alarms").glob("*.png")))
     assert line["alarms"] > 0 and drawn == min(line["alarms"], 24)
+    assert line["codec"] == "jpeg:90"  # the camera sends what a line sends
+    assert sorted(line["per_class"]) == ["alpha", "beta", "gamma"]
+    counts = np.asarray(list(line["per_class"].values()))
+    assert counts[:, 0].sum() + counts[:, 2].sum() == 36 and counts[:, 2].sum() == 18
+    assert counts[:, 1].sum() + counts[:, 3].sum() == line["alarms"]
+    assert counts[:, 4].sum() == line["unknown"]
 
 
 def test_validation_split_is_seeded_disjoint_and_leaves_training_images():

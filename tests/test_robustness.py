@@ -61,8 +61,9 @@ def test_engine_benchmark_reports_decisions_and_the_cli_prints_the_table(
         assert 0 <= r.false_alarms <= r.good and 0 <= r.flagged <= r.defective
         assert 0 <= r.unknown <= r.good + r.defective
     assert main(["robustness", "--engines", str(out), "--data", str(synthetic_root),
-                 "--conditions", "lossless", "jpeg:75", "--quiet"]) == 0
+                 "--conditions", "lossless", "jpeg:75", "--quiet", "--leave-one-out"]) == 0
     table = capsys.readouterr().out
+    assert "without the beta expert, jpeg:75: " in table
     assert "| alpha | jpeg:75 |" in table and "false alarms" in table
     assert "largest image-AUROC drop from lossless" in table
     assert main(["robustness", "--engines", str(out), "--data", str(synthetic_root),

@@ -36,7 +36,8 @@ def matmul_gflops(threads: int, size: int = 1024, seconds: float = 0.5) -> float
 
 
 def bench_training(data_root: Path, task: str | None, cfg: Config, repeat: int = 1) -> list[float]:
-    """Time feature extraction (uncached) and the training of a first expert on one class."""
+    """Time feature extraction (uncached: the images and their ``train.augment_views`` random
+    views) and the training of a first expert on one class."""
     threads = cfg.train.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     name = task or list_classes(data_root)[0]
@@ -47,18 +48,21 @@ def bench_training(data_root: Path, task: str | None, cfg: Config, repeat: int =
         extractor = FeatureExtractor(cfg.backbone)
         with tempfile.TemporaryDirectory() as tmp:
             store = FeatureStore(extractor, cfg.data.image_size, Path(tmp), progress=False)
-            feats = store.features(data, "train")
+            views = store.views(data, cfg.train.augment_views, cfg.train.augmentation(),
+                                cfg.train.seed)
+            feats = views[0]
         t1 = time.perf_counter()
         torch.manual_seed(cfg.train.seed)
         model = MoLEFlow(extractor.dim, extractor.grid(cfg.data.image_size), cfg.resolved_model())
         model.add_task(0, feats)
-        report = train_task(model, 0, feats, cfg.train, cfg.resolved_model(), progress=False)
+        report = train_task(model, 0, feats, cfg.train, cfg.resolved_model(), progress=False,
+                            views=views)
         total = time.perf_counter() - t0
         totals.append(total)
         gflops = matmul_gflops(threads)
         print(f"bench train | class {name} | {len(feats)} images at {cfg.data.image_size}px | "
               f"threads {torch.get_num_threads()} of {os.cpu_count()} cores | features "
-              f"{t1 - t0:.1f} s | training {report.epochs} epochs {report.seconds:.1f} s "
+              f"({len(views)} views) {t1 - t0:.1f} s | training {report.epochs} epochs {report.seconds:.1f} s "
               f"({report.seconds / report.epochs:.2f} s/epoch) | one expert total {total:.1f} s "
               f"({total / 60:.2f} min) | machine: float32 matmul {gflops:.0f} GFLOP/s | "
               f"run {r + 1}/{repeat}")
