@@ -17,18 +17,10 @@ import numpy as np
 from engines.conditions import Condition, apply_to_masks
 from engines.pipeline import EngineSet, FrameScore, Pipeline
 from engines.robustness import RobustnessRow
-from train.data import ClassData, load_class, load_images, read_mask
+from train.data import class_masks, load_class, load_images
 from train.metrics import auroc
 
 log = logging.getLogger("moleflow.robustness")
-
-
-def _masks(data: ClassData, size: int) -> np.ndarray:
-    out = np.zeros((len(data.test), size, size), dtype=bool)
-    for i, item in enumerate(data.test):
-        if item.mask_path is not None:
-            out[i] = read_mask(item.mask_path, item.path, size)
-    return out
 
 
 def _score(pipe: Pipeline, images: np.ndarray, batch: int = 16) -> list[FrameScore]:
@@ -48,7 +40,7 @@ def engine_robustness(root: Path, data_root: Path, conditions: list[Condition],
         data = load_class(Path(data_root), name)
         images = load_images([t.path for t in data.test], size)
         labels = np.asarray([t.label for t in data.test])
-        masks = _masks(data, size)
+        masks = class_masks(data, size)
         for cond in conditions:
             frames = _score(pipe, cond.apply(images, seed=index))
             rows.append(_row(name, cond, frames, labels, apply_to_masks(cond, masks),

@@ -75,11 +75,8 @@ def apply_to_masks(cond: Condition, masks: np.ndarray) -> np.ndarray:
         return masks
     dx = dy = cond.value if cond.kind == "shift" else 0.0
     deg = cond.value if cond.kind == "rotate" else 0.0
-    h, w = masks.shape[1:]
-    m = cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), deg, 1.0)
-    m[:, 2] += (dx, dy)
-    return np.stack([cv2.warpAffine(k.astype(np.uint8), m, (w, h), flags=cv2.INTER_NEAREST,
-                                    borderMode=cv2.BORDER_REFLECT_101) > 0 for k in masks])
+    return np.stack([_affine(k.astype(np.uint8), dx, dy, deg, cv2.INTER_NEAREST) > 0
+                     for k in masks])
 
 
 def parse_condition(text: str) -> Condition:
@@ -115,11 +112,13 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-def _affine(image: np.ndarray, dx: float, dy: float, degrees: float) -> np.ndarray:
+def _affine(image: np.ndarray, dx: float, dy: float, degrees: float,
+            interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """Rotated about the centre by ``degrees``, then moved by (dx, dy); reflected border."""
     h, w = image.shape[:2]
     m = cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), degrees, 1.0)
     m[:, 2] += (dx, dy)
-    return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR,
+    return cv2.warpAffine(image, m, (w, h), flags=interpolation,
                           borderMode=cv2.BORDER_REFLECT_101)
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "load_images",
     "read_image",
     "read_mask",
+    "class_masks",
 ]
 
 #: Lower-case suffixes (with dot) treated as images; matching is case-insensitive.
@@ -283,4 +284,14 @@ def load_images(paths: Iterable[Path] | Sequence[Path], size: int) -> np.ndarray
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, p in enumerate(paths):
         out[i] = read_image(p, size)
+    return out
+
+
+def class_masks(data: ClassData, size: int) -> np.ndarray:
+    """Ground-truth masks (N, size, size) bool of a class's test images (all-false for good
+    ones)."""
+    out = np.zeros((len(data.test), size, size), dtype=bool)
+    for i, item in enumerate(data.test):
+        if item.mask_path is not None:
+            out[i] = read_mask(item.mask_path, item.path, size)
     return out

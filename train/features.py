@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from engines.conditions import Augmentation
 from train.backbone import FeatureExtractor, extract
-from train.data import ClassData, load_images, read_mask
+from train.data import ClassData, class_masks, load_images
 
 log = logging.getLogger("moleflow.features")
 
@@ -84,11 +84,7 @@ class FeatureStore:
 
     def masks(self, data: ClassData) -> np.ndarray:
         """Ground-truth masks (N, S, S) bool of the test images (all-false for good ones)."""
-        out = np.zeros((len(data.test), self.image_size, self.image_size), dtype=bool)
-        for i, item in enumerate(data.test):
-            if item.mask_path is not None:
-                out[i] = read_mask(item.mask_path, item.path, self.image_size)
-        return out
+        return class_masks(data, self.image_size)
 
 
 def pooled(feats: torch.Tensor) -> np.ndarray:
