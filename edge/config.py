@@ -114,7 +114,7 @@ class TrainConfig:
     logdet_weight: float = opt(1e-4, "weight of the mean squared log-determinant", min=0.0)
     feature_noise: float = opt(0.0, "std of Gaussian noise added to the flow input while "
                                     "training each product after the first", min=0.0)
-    feature_noise_first: float = opt(0.2, "the same while training the first product, whose "
+    feature_noise_first: float = opt(0.4, "the same while training the first product, whose "
                                           "training fits the shared base (keeps it from "
                                           "memorising patches)", min=0.0)
     augment_views: int = opt(4, "random views of each training image besides the image itself "
