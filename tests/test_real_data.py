@@ -27,6 +27,8 @@ def test_held_out_images_are_recorded_and_not_trained_on(real_run):
     bundle = RunBundle.open(run)
     for record, proto in zip(bundle.tasks, bundle.load_router().prototypes):
         assert len(record.val_images) == round(0.2 * 66)
-        assert len(proto.train_distances) == 66 - len(record.val_images)  # fitted without them
+        # fitted without them: the training images and each of their random views
+        assert record.augment_views == 4
+        assert len(proto.train_distances) == 5 * (66 - len(record.val_images))
         assert all((data / record.name / rel).is_file() for rel in record.val_images)
         assert len(set(record.val_images)) == len(record.val_images)
