@@ -97,34 +97,35 @@ def image_scores(patch_nll: np.ndarray, top_k: int,
     return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
 
 
+def standardised(patch_nll: np.ndarray, owners, norms: dict | None) -> np.ndarray:
+    """Patch grids (N, h, w), grid ``i`` standardised by the statistics ``norms[owners[i]]``
+    (``norms`` None: the NLLs as they are)."""
+    grids = np.asarray(patch_nll)
+    if norms is None:
+        return grids
+    owners = np.asarray(owners)
+    out = np.empty(grids.shape, dtype=np.float32)
+    for owner in np.unique(owners):
+        sel = owners == owner
+        out[sel] = norms[owner.item()].apply(grids[sel])
+    return out
+
+
 def routed_image_scores(patch_nll: np.ndarray, owners, norms: dict | None,
                         top_k: int) -> np.ndarray:
     """Image scores of grids scored by different experts: grid ``i`` standardised by the
     statistics ``norms[owners[i]]`` (``norms`` None: raw NLL scores)."""
-    if norms is None:
-        return image_scores(patch_nll, top_k)
-    owners = np.asarray(owners)
-    out = np.empty(len(patch_nll), dtype=np.float32)
-    for owner in np.unique(owners):
-        sel = owners == owner
-        out[sel] = image_scores(patch_nll[sel], top_k, norms[owner.item()])
-    return out
+    return image_scores(standardised(patch_nll, owners, norms), top_k)
 
 
-def typicality(patch_nll: np.ndarray, owners, norms: dict | None) -> np.ndarray:
+def typicality(scores: np.ndarray) -> np.ndarray:
     """How unlike its expert's training images a frame is as a whole (N,): the median over the
-    grid of its patch scores (standardised per position with ``norms``, else raw NLLs).
+    grid of its patch scores (``standardised`` grids, or raw NLLs without statistics).
 
     A defect is local and leaves the median where normal frames have it; a product the expert
     has never seen is unlike it nearly everywhere and moves the median far. This is what tells
     an unknown product from a defective known one (``Pipeline.score``)."""
-    grids = np.asarray(patch_nll, dtype=np.float32)
-    if norms is not None:
-        owners = np.asarray(owners)
-        grids = grids.copy()
-        for owner in np.unique(owners):
-            sel = owners == owner
-            grids[sel] = norms[owner.item()].apply(grids[sel])
+    grids = np.asarray(scores)
     return np.median(grids.reshape(len(grids), -1), axis=1)
 
 

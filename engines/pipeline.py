@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from calibration.thresholds import Calibration, ExpertCalibration
-from engines.imaging import (PositionNorm, anomaly_maps, mahalanobis, map_values, preprocess,
-                             routed_image_scores, typicality)
+from engines.imaging import (PositionNorm, anomaly_maps, image_scores, mahalanobis, map_values,
+                             preprocess, routed_image_scores, standardised, typicality)
 from engines.manifest import EngineSetError, ExpertEntry, Manifest, verified
 from engines.runtime import BACKENDS, Graph, file_key
 
@@ -233,10 +233,6 @@ class Pipeline:
                 out[i] = typical[i] > cal.typical_limit
         return out
 
-    def typicality(self, patch_nll: np.ndarray, experts: list[str]) -> np.ndarray:
-        """Median patch score of each grid under its expert (see ``imaging.typicality``)."""
-        return typicality(patch_nll, experts, self.engines.norms)
-
     def image_scores(self, patch_nll: np.ndarray, experts: list[str]) -> np.ndarray:
         """Uncalibrated image scores of grids, grid ``i`` scored by expert ``experts[i]``."""
         return routed_image_scores(patch_nll, experts, self.engines.norms, self.top_k)
@@ -261,8 +257,9 @@ class Pipeline:
             sel = np.asarray([c == name for c in chosen])
             grids[sel] = self.expert_nll(name, np.ascontiguousarray(feats[sel]))
         t3 = time.perf_counter()
-        raw = self.image_scores(grids, chosen)
-        typical = self.typicality(grids, chosen)
+        patch_scores = standardised(grids, chosen, self.engines.norms)  # once for both
+        raw = image_scores(patch_scores, self.top_k)
+        typical = typicality(patch_scores)
         unknown = self.unknown(far, typical, chosen)
         maps = self.anomaly_maps(grids) if self.with_maps else None
         t4 = time.perf_counter()
