@@ -23,7 +23,7 @@ from calibration.thresholds import (CALIBRATION, Calibration, CalibrationError, 
 from edge.config import CalibrationConfig
 from engines.conditions import Condition, parse_condition
 from engines.manifest import FileRef, Manifest
-from engines.pipeline import EngineSet, Pipeline, scoring_key
+from engines.pipeline import EngineSet, FrameScore, Pipeline, scoring_key
 from train.data import DataError, load_class, load_images
 
 log = logging.getLogger("moleflow.calibrate")
@@ -59,14 +59,20 @@ def score_images(pipe: Pipeline, expert: str, images: np.ndarray, batch: int = 1
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Image scores, anomaly-map maxima, routing distances and typicalities of ``images``
     under ``expert``."""
-    scores, maxima, dists, typical = [], [], [], []
+    frames = score_frames(pipe, images, expert, batch)
+    return (np.asarray([f.raw_score for f in frames]),
+            np.asarray([float(f.map.max()) for f in frames]),
+            np.asarray([f.distance for f in frames]), np.asarray([f.typicality for f in frames]))
+
+
+def score_frames(pipe: Pipeline, images: np.ndarray, expert: str | None = None,
+                 batch: int = 16) -> list[FrameScore]:
+    """``images`` scored in batches, each by ``expert`` (None: routed, as on the line)."""
+    out: list[FrameScore] = []
     for i in range(0, len(images), batch):
-        frames = pipe.score(images[i:i + batch], hints=[expert] * len(images[i:i + batch]))
-        scores += [f.raw_score for f in frames]
-        maxima += [float(f.map.max()) for f in frames]
-        dists += [f.distance for f in frames]
-        typical += [f.typicality for f in frames]
-    return np.asarray(scores), np.asarray(maxima), np.asarray(dists), np.asarray(typical)
+        chunk = images[i:i + batch]
+        out += pipe.score(chunk, hints=None if expert is None else [expert] * len(chunk))
+    return out
 
 
 def calibrate_engine_set(root: Path, data_root: Path, cfg: CalibrationConfig,

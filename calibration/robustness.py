@@ -14,20 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration.calibrate import score_frames
 from engines.conditions import Condition, apply_to_masks
+from engines.manifest import Manifest
 from engines.pipeline import EngineSet, FrameScore, Pipeline
 from engines.robustness import RobustnessRow
 from train.data import class_masks, load_class, load_images
 from train.metrics import auroc
 
 log = logging.getLogger("moleflow.robustness")
-
-
-def _score(pipe: Pipeline, images: np.ndarray, batch: int = 16) -> list[FrameScore]:
-    out: list[FrameScore] = []
-    for i in range(0, len(images), batch):
-        out += pipe.score(images[i:i + batch])
-    return out
 
 
 def engine_robustness(root: Path, data_root: Path, conditions: list[Condition],
@@ -42,7 +37,7 @@ def engine_robustness(root: Path, data_root: Path, conditions: list[Condition],
         labels = np.asarray([t.label for t in data.test])
         masks = class_masks(data, size)
         for cond in conditions:
-            frames = _score(pipe, cond.apply(images, seed=index))
+            frames = score_frames(pipe, cond.apply(images, seed=index))
             rows.append(_row(name, cond, frames, labels, apply_to_masks(cond, masks),
                              name in pipe.engines.calibration))
             if progress:
@@ -70,7 +65,7 @@ def leave_one_out(root: Path, data_root: Path, conditions: list[Condition],
                   threads: int = 0) -> list[tuple[str, str, int, int]]:
     """(left-out class, condition, frames flagged unknown, frames) for every expert's class,
     scored by the engine set without that expert (its other experts and calibrations)."""
-    names = EngineSet.open(root, threads=threads).expert_names()
+    names = [e.name for e in Manifest.load(Path(root)).experts]
     out = []
     for index, left in enumerate(names):
         others = [n for n in names if n != left]
@@ -80,7 +75,7 @@ def leave_one_out(root: Path, data_root: Path, conditions: list[Condition],
         data = load_class(Path(data_root), left)
         images = load_images([t.path for t in data.test], pipe.engines.size)
         for cond in conditions:
-            frames = _score(pipe, cond.apply(images, seed=index))
+            frames = score_frames(pipe, cond.apply(images, seed=index))
             out.append((left, cond.name, sum(f.unknown for f in frames), len(frames)))
             log.info("without %s, %s: %d/%d of its frames unknown", left, cond.name,
                      out[-1][2], out[-1][3])

@@ -24,6 +24,7 @@ import numpy as np
 from edge.config import Config
 from edge.errors import MoleflowError
 from edge.harness import served
+from engines.conditions import ConditionError, parse_condition
 from engines.runtime import parallelism
 
 
@@ -81,13 +82,16 @@ def camera_message(bgr: np.ndarray, msg: str, codec: str = "jpeg:90") -> list[by
     """One frame as an imagezmq sender puts it on the wire: ``send_jpg`` (``jpeg:Q``: a JSON
     ``{"msg": ...}`` header, then the JPEG) or ``send_image`` (``raw``: the header also
     carries dtype and shape, then the BGR buffer)."""
-    if codec in ("raw", "lossless"):
+    try:
+        cond = parse_condition(codec)
+    except ConditionError:
+        cond = None
+    if cond is None or cond.kind not in ("lossless", "jpeg"):
+        raise MoleflowError(f"camera codec {codec!r} is not 'raw' or 'jpeg:Q' (Q 1..100)")
+    if cond.kind == "lossless":
         header = {"msg": msg, "dtype": "uint8", "shape": list(bgr.shape)}
         return [json.dumps(header).encode(), bgr.tobytes()]
-    kind, _, quality = codec.partition(":")
-    if kind != "jpeg" or not quality.isdigit() or not 1 <= int(quality) <= 100:
-        raise MoleflowError(f"camera codec {codec!r} is not 'raw' or 'jpeg:Q' (Q 1..100)")
-    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(cond.value)])
     return [json.dumps({"msg": msg}).encode(), buf.tobytes()]
 
 

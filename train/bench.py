@@ -62,7 +62,8 @@ def bench_training(data_root: Path, task: str | None, cfg: Config, repeat: int =
         gflops = matmul_gflops(threads)
         print(f"bench train | class {name} | {len(feats)} images at {cfg.data.image_size}px | "
               f"threads {torch.get_num_threads()} of {os.cpu_count()} cores | features "
-              f"({len(views)} views) {t1 - t0:.1f} s | training {report.epochs} epochs {report.seconds:.1f} s "
+              f"({len(views)} views) {t1 - t0:.1f} s | training {report.epochs} epochs "
+              f"{report.seconds:.1f} s "
               f"({report.seconds / report.epochs:.2f} s/epoch) | one expert total {total:.1f} s "
               f"({total / 60:.2f} min) | machine: float32 matmul {gflops:.0f} GFLOP/s | "
               f"run {r + 1}/{repeat}")

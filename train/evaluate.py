@@ -63,16 +63,22 @@ def score_class(model: MoLEFlow, feats: torch.Tensor, experts: np.ndarray, cfg: 
     return scores, maps
 
 
+def route_tasks(model: MoLEFlow, router: PrototypeRouter | None, feats: torch.Tensor,
+                task: int) -> np.ndarray:
+    """The task index that scores each image: the router's choice, or ``task`` for all when
+    ``router`` is None (the oracle of the wo_router ablation)."""
+    if router is None:
+        return np.full(len(feats), task)
+    routed, _ = router.route(pooled(feats))
+    return np.asarray([model.tasks[i] for i in routed])
+
+
 def evaluate_class(model: MoLEFlow, router: PrototypeRouter | None, store: FeatureStore,
                    data: ClassData, task: int, cfg: EvalConfig,
                    norms: dict[int, PositionNorm] | None = None) -> ClassResult:
     """Route every test image (or use the true task when ``router`` is None) and score it."""
     feats = store.features(data, "test")
-    if router is not None:
-        routed, _ = router.route(pooled(feats))
-        routed = np.asarray([model.tasks[i] for i in routed])
-    else:
-        routed = np.full(len(feats), task)
+    routed = route_tasks(model, router, feats, task)
     scores, maps = score_class(model, feats, routed, cfg, store.image_size, norms)
     labels = np.asarray([t.label for t in data.test])
     masks = store.masks(data)

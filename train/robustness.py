@@ -19,8 +19,7 @@ from engines.conditions import Condition, apply_to_masks
 from engines.robustness import RobustnessRow
 from train.backbone import extract
 from train.continual import _class_data, ensure_norms, open_session
-from train.evaluate import score_class
-from train.features import pooled
+from train.evaluate import route_tasks, score_class
 from train.metrics import compute_class_metrics
 
 log = logging.getLogger("moleflow.robustness")
@@ -44,11 +43,8 @@ def run_robustness(run_dir: Path, data_root: Path | None, conditions: list[Condi
                 feats = store.features(data, "test")
             else:
                 feats = extract(store.extractor, cond.apply(images, seed=record.index))
-            if use_router:
-                routed, _ = session.router.route(pooled(feats))
-                routed = np.asarray([model.tasks[i] for i in routed])
-            else:
-                routed = np.full(len(feats), record.index)
+            routed = route_tasks(model, session.router if use_router else None, feats,
+                                 record.index)
             scores, maps = score_class(model, feats, routed, cfg.eval, store.image_size,
                                        session.norms)
             m = compute_class_metrics(labels, scores, apply_to_masks(cond, masks), maps,
