@@ -134,12 +134,17 @@ class Calibration:
             return cls()
         try:
             raw = json.loads(path.read_text())
+            if not isinstance(raw, dict) or not isinstance(raw.get("experts"), dict):
+                raise TypeError("expected an object with an 'experts' object")
             if raw.get("format") != FORMAT:
                 raise CalibrationError(f"{path}: calibration format {raw.get('format')!r} is not "
                                        f"supported (this version reads {FORMAT})")
-            return cls({k: ExpertCalibration(**v) for k, v in raw["experts"].items()})
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            experts = {k: ExpertCalibration(**v) for k, v in raw["experts"].items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CalibrationError(f"{path}: malformed calibration file ({exc!r})") from exc
+        for name, cal in experts.items():
+            _check_values(cal, f"{path}: expert {name!r}")
+        return cls(experts)
 
     def for_expert(self, name: str, expert_sha256: str, scoring: str) -> ExpertCalibration | None:
         """The expert's calibration if it was fitted on this very expert graph under this
@@ -147,6 +152,26 @@ class Calibration:
         cal = self.experts.get(name)
         ok = cal is not None and cal.expert_sha256 == expert_sha256 and cal.scoring == scoring
         return cal if ok else None
+
+
+_FINITE = ("threshold", "scale", "map_threshold", "distance_limit", "false_alarm_rate",
+           "unknown_rate")
+
+
+def _check_values(cal: ExpertCalibration, where: str) -> None:
+    """A calibration read from a file decides alarms: its limits must be finite numbers (a
+    string or NaN threshold would compare False with every score and silence the expert), its
+    scale positive, its identifying fields strings."""
+    def finite(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    bad = [f for f in _FINITE if not finite(getattr(cal, f))]
+    bad += [] if cal.typical_limit is None or finite(cal.typical_limit) else ["typical_limit"]
+    if bad:
+        raise CalibrationError(f"{where}: {', '.join(bad)} must be finite numbers")
+    if cal.scale <= 0:
+        raise CalibrationError(f"{where}: scale must be positive, got {cal.scale}")
+    if not all(isinstance(getattr(cal, f), str) for f in ("expert_sha256", "scoring", "codec")):
+        raise CalibrationError(f"{where}: expert_sha256, scoring and codec must be strings")
 
 
 def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

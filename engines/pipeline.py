@@ -1,25 +1,48 @@
 """An engine set loaded for scoring: backbone -> router -> one expert -> score, map, decision.
 
 ``EngineSet.open`` verifies the manifest's hashes and loads every graph with the chosen back
-end; ``Pipeline.score`` takes uint8 RGB frames at the set's input size and returns one
-``FrameScore`` per frame, with the time spent in each stage. Each frame costs one backbone
-pass, a Mahalanobis distance per expert (a few microseconds) and one expert pass, whatever the
-number of experts. numpy, OpenCV and the runtime back end only: no torch.
+end, checking what it reads (``validate_engine_set`` checks every file, for ``serve
+--validate-config``); ``Pipeline.score`` takes uint8 RGB frames at the set's input size and
+returns one ``FrameScore`` per frame, with the time spent in each stage. Each frame costs one
+backbone pass, a Mahalanobis distance per expert (a few microseconds) and one expert pass,
+whatever the number of experts. numpy, OpenCV and the runtime back end only: no torch.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from calibration.thresholds import Calibration, ExpertCalibration
+from calibration.thresholds import Calibration, CalibrationError, ExpertCalibration
 from engines.imaging import (PositionNorm, anomaly_maps, image_scores, mahalanobis, map_values,
                              preprocess, routed_image_scores, standardised, typicality)
 from engines.manifest import EngineSetError, ExpertEntry, Manifest, verified
 from engines.runtime import BACKENDS, Graph, file_key
+
+log = logging.getLogger("moleflow.engines")
+
+
+def load_npz(path: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays of the .npz at ``path``; the ``required`` ones must be there and, when
+    numeric, finite (a NaN precision or statistic would silently mis-route or mis-score every
+    frame). Any problem is an EngineSetError naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise EngineSetError(f"{path}: not a readable .npz archive ({exc})") from exc
+    missing = [name for name in required if name not in arrays]
+    if missing:
+        raise EngineSetError(f"{path}: lacks the array(s) {', '.join(missing)}")
+    for name in required:
+        if arrays[name].dtype.kind in "fiu" and not np.all(np.isfinite(arrays[name])):
+            raise EngineSetError(f"{path}: array {name!r} holds non-finite values")
+    return arrays
 
 
 @dataclass
@@ -30,10 +53,19 @@ class RuntimeRouter:
     precisions: np.ndarray      # (T, D, D)
 
     @classmethod
-    def load(cls, path: Path) -> "RuntimeRouter":
-        with np.load(path, allow_pickle=False) as z:
-            return cls([str(n) for n in z["names"]], z["means"].astype(np.float64),
-                       z["precisions"].astype(np.float64))
+    def load(cls, path: Path, dim: int) -> "RuntimeRouter":
+        """From ``router.npz`` of ``dim``-channel features, its arrays' shapes checked."""
+        z = load_npz(path, ("names", "means", "precisions"))
+        names, means, precisions = z["names"], z["means"], z["precisions"]
+        t = len(names)
+        if (names.ndim != 1 or means.dtype.kind not in "fiu" or precisions.dtype.kind not in "fiu"
+                or means.shape != (t, dim) or precisions.shape != (t, dim, dim)):
+            raise EngineSetError(f"{path}: expected names ({t},), means ({t}, {dim}) and "
+                                 f"precisions ({t}, {dim}, {dim}), got {names.shape}, "
+                                 f"{means.dtype} {means.shape}, {precisions.dtype} "
+                                 f"{precisions.shape}")
+        return cls([str(n) for n in names], means.astype(np.float64),
+                   precisions.astype(np.float64))
 
     def distances(self, pooled: np.ndarray) -> np.ndarray:
         """(N, T) distance of each frame's pooled feature to each task."""
@@ -56,10 +88,12 @@ class EngineSet:
     @classmethod
     def open(cls, root: Path, backend: str = "onnxruntime", precision: str = "fp32",
              threads: int = 0, experts: list[str] | None = None,
-             with_calibration: bool = True) -> "EngineSet":
+             with_calibration: bool = True, warn: bool = True) -> "EngineSet":
         """Load (a subset of) the engine set at ``root``, verifying every file's sha256
         (``with_calibration`` False: without its calibration, as ``calibrate`` does, which
-        fits it anew)."""
+        fits it anew). Experts left without a valid calibration never raise an alarm
+        (``uncalibrated``): a warning names them unless ``warn`` is False (a caller that
+        reports them itself)."""
         root = Path(root)
         manifest = Manifest.load(root)
         key = file_key(backend, precision)
@@ -78,19 +112,26 @@ class EngineSet:
         entries = manifest.experts if experts is None else [manifest.expert(n) for n in experts]
         loaded = {e.name: graph(e.files, f"expert {e.name!r}") for e in entries}
         norms = _load_norms(root, manifest, entries)
-        router = RuntimeRouter.load(verified(root, manifest.router))
+        router = RuntimeRouter.load(verified(root, manifest.router),
+                                    int(manifest.features["dim"]))
         if router.names != [e.name for e in manifest.experts]:
             raise EngineSetError(f"{root}: router.npz lists {router.names}, the manifest "
                                  f"{[e.name for e in manifest.experts]}")
-        calib: dict[str, ExpertCalibration] = {}
-        if manifest.calibration is not None and with_calibration:
-            table = Calibration.load(verified(root, manifest.calibration))
-            for e in entries:
-                cal = table.for_expert(e.name, e.files["onnx"].sha256, scoring_key(manifest, e))
-                if cal is not None:
-                    calib[e.name] = cal
+        calib = _load_calibration(root, manifest, entries) if with_calibration else {}
         backbone = graph(manifest.backbone["files"], "backbone")
-        return cls(root, manifest, backbone, loaded, router, calib, backend, precision, norms)
+        engines = cls(root, manifest, backbone, loaded, router, calib, backend, precision, norms)
+        if with_calibration and warn and engines.uncalibrated:
+            log.warning("engine set %s: expert(s) %s have no calibration for their graph: no "
+                        "alarm will be raised for their frames (run 'moleflow calibrate "
+                        "--engines %s --data DIR')", root, ", ".join(engines.uncalibrated), root)
+        return engines
+
+    @property
+    def uncalibrated(self) -> list[str]:
+        """Loaded experts without a calibration fitted on their graph under the set's scoring
+        rule (none in the manifest, none for them in it, or a stale one): their frames get no
+        decision (``FrameScore.anomalous`` None), so they never raise an alarm."""
+        return [name for name in self.experts if name not in self.calibration]
 
     @property
     def size(self) -> int:
@@ -123,6 +164,44 @@ def scoring_key(manifest: Manifest, entry: ExpertEntry) -> str:
     return key + f", map {scoring_rule(manifest, 'anomaly_map')}"
 
 
+def _load_calibration(root: Path, manifest: Manifest, entries: list[ExpertEntry]
+                      ) -> dict[str, ExpertCalibration]:
+    """The valid calibrations of ``entries`` (by name) from the manifest's calibration file."""
+    if manifest.calibration is None:
+        return {}
+    try:
+        table = Calibration.load(verified(root, manifest.calibration))
+    except CalibrationError as exc:
+        raise EngineSetError(str(exc)) from exc
+    found = {e.name: table.for_expert(e.name, e.files["onnx"].sha256, scoring_key(manifest, e))
+             for e in entries}
+    return {name: cal for name, cal in found.items() if cal is not None}
+
+
+def validate_engine_set(root: Path, backend: str = "onnxruntime", precision: str = "fp32",
+                        threads: int = 0) -> EngineSet:
+    """What ``serve --validate-config`` checks, beyond what the daemon's own open would: the
+    size and sha256 of every listed file (all precisions, not only the served ones), the
+    scoring rules, and for the tensorrt back end a plan of the precision for every graph
+    before TensorRT is imported. Returns the set opened as the daemon opens it (every served
+    graph loaded, router, statistics and calibration read and checked) without logging its
+    ``uncalibrated`` experts, those that will raise no alarm: the caller reports them."""
+    root = Path(root)
+    manifest = Manifest.load(root)
+    manifest.verify_files(root)
+    for key in SCORING_RULES:
+        scoring_rule(manifest, key)
+    if backend == "tensorrt":
+        key = file_key(backend, precision)
+        lacking = [f"expert {e.name!r}" for e in manifest.experts if key not in e.files]
+        lacking += ["backbone"] if key not in manifest.backbone["files"] else []
+        if lacking:
+            raise EngineSetError(f"{root}: no {key} plan for {', '.join(lacking)}: build them "
+                                 f"on this device with 'moleflow build --engines {root} "
+                                 f"--precision {precision}'")
+    return EngineSet.open(root, backend, precision, threads, warn=False)
+
+
 def _load_norms(root: Path, manifest: Manifest, entries: list[ExpertEntry]
                 ) -> dict[str, PositionNorm] | None:
     if scoring_rule(manifest, "image_score") != "standardised":
@@ -133,11 +212,10 @@ def _load_norms(root: Path, manifest: Manifest, entries: list[ExpertEntry]
             raise EngineSetError(f"expert {e.name!r} in {root} has no position statistics, "
                                  "which scoring.image_score 'standardised' needs: re-export")
         path = verified(root, e.position_norm)
-        with np.load(path, allow_pickle=False) as z:
-            try:
-                norm = PositionNorm.from_arrays(dict(z), str(path))
-            except ValueError as exc:
-                raise EngineSetError(str(exc)) from exc
+        try:
+            norm = PositionNorm.from_arrays(load_npz(path, ("mean", "std")), str(path))
+        except ValueError as exc:
+            raise EngineSetError(str(exc)) from exc
         if norm.mean.shape != tuple(manifest.features["grid"]):
             raise EngineSetError(f"{path}: statistics grid {norm.mean.shape} is not the "
                                  f"feature grid {manifest.features['grid']}")
