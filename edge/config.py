@@ -25,11 +25,12 @@ class ConfigError(MoleflowError, ValueError):
 
 
 def opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-        choices: tuple | None = None, item: type = int, check: str | None = None) -> Any:
+        choices: tuple | None = None, item: type = int, check: str | None = None,
+        empty_ok: bool = False) -> Any:
     """A config field with its description and bounds (``item``: element type of a list;
-    ``check``: a named value check from ``CHECKS``)."""
+    ``check``: a named value check from ``CHECKS``; ``empty_ok``: a list may be empty)."""
     meta = {"help": help, "min": min, "max": max, "choices": choices, "item": item,
-            "check": check}
+            "check": check, "empty_ok": empty_ok}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -202,16 +203,32 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class IngestConfig:
-    endpoints: list = opt(["rep+tcp://0.0.0.0:5555"], "camera sockets as pattern+address: rep "
+    endpoints: list = opt(["rep+tcp://127.0.0.1:5555"], "camera sockets as pattern+address: rep "
                           "(binds; imagezmq's default REQ senders), pull (binds; PUSH senders), "
-                          "sub (connects to a PUB sender's address)", item=str)
+                          "sub (connects to a PUB sender's address). Loopback by default: "
+                          "cameras on other hosts need 0.0.0.0 and should use CURVE "
+                          "(curve_secret_key)", item=str)
     max_message_bytes: int = opt(32 << 20, "largest frame message accepted; larger ones are "
                                  "dropped and reported", min=1024)
     max_side: int = opt(8192, "largest frame width or height accepted", min=16)
+    max_pixels: int = opt(25_000_000, "largest frame area (width x height) accepted, checked "
+                          "before decoding", min=256)
     queue_size: int = opt(16, "frames waiting to be scored; when full the oldest is dropped",
                           min=1, max=10000)
     max_batch: int = opt(4, "frames one scoring worker takes together when several wait",
                          min=1, max=64)
+    cameras: list = opt([], "camera names accepted (empty: any, up to max_cameras); frames "
+                        "from others are refused and reported", item=str, empty_ok=True)
+    max_cameras: int = opt(64, "distinct camera names accepted when 'cameras' is empty; later "
+                           "names are refused and reported (bounds the metric series)",
+                           min=1, max=10000)
+    max_connections: int = opt(256, "open camera connections at most over all sockets; "
+                               "more are refused at the handshake and reported", min=1)
+    curve_secret_key: str | None = opt(None, "ZeroMQ CURVE: this server's secret key file "
+                                       "(moleflow keys); null: no encryption or client "
+                                       "authentication")
+    curve_clients: str | None = opt(None, "ZeroMQ CURVE: folder of the allowed cameras' public "
+                                    "key files (*.key)")
 
 
 @dataclass(frozen=True)
@@ -230,14 +247,18 @@ class EnginesConfig:
 class MqttConfig:
     host: str = opt("127.0.0.1", "MQTT broker host")
     port: int = opt(1883, "MQTT broker port", min=1, max=65535)
-    prefix: str = opt("moleflow", "topic root: <prefix>/<device_id>/...")
-    device_id: str = opt("edge-1", "this device's name in the topics")
+    prefix: str = opt("moleflow", "topic root: <prefix>/<device_id>/...", check="topic")
+    device_id: str = opt("edge-1", "this device's name in the topics (one topic level)",
+                         check="topic_level")
     username: str | None = opt(None, "broker user name (null: anonymous)")
     password_env: str = opt("MOLEFLOW_MQTT_PASSWORD", "environment variable holding the broker "
                                                       "password (set it in the systemd "
                                                       "environment file)")
     tls: bool = opt(False, "connect with TLS")
     ca_file: str | None = opt(None, "CA certificate for TLS (null: the system's)")
+    cert_file: str | None = opt(None, "TLS client certificate (PEM) for brokers that "
+                                "authenticate clients by certificate")
+    key_file: str | None = opt(None, "TLS client private key (PEM) for cert_file")
     keepalive: int = opt(30, "MQTT keep-alive in seconds", min=5, max=3600)
     map_interval: float = opt(1.0, "seconds between anomaly-map PNGs per camera (0 = no maps)",
                               min=0.0)
@@ -298,7 +319,29 @@ def _codec_problem(value: str) -> str | None:
     return None
 
 
-CHECKS = {"codec": _codec_problem}
+def _topic_level_problem(value: str) -> str | None:
+    """One MQTT topic level: subscribers' wildcards and separators would make the daemon's
+    topics collide with other devices' or be unpublishable."""
+    bad = sorted({c for c in value if c in "/+#" or not c.isprintable() or c.isspace()})
+    if not value or bad:
+        return f"must be one MQTT topic level without {'/+#'} or spaces, got {value!r}"
+    return None
+
+
+def _topic_problem(value: str) -> str | None:
+    levels = value.split("/")
+    if any(_topic_level_problem(level) for level in levels):
+        return (f"must be MQTT topic levels joined by '/', without wildcards (+ #), spaces "
+                f"or empty levels, got {value!r}")
+    return None
+
+
+def meta_empty_ok(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("empty_ok"))
+
+
+CHECKS = {"codec": _codec_problem, "topic_level": _topic_level_problem,
+          "topic": _topic_problem}
 
 
 def _check_value(key: str, f: dataclasses.Field, hint: Any, value: Any) -> Any:
@@ -332,10 +375,11 @@ def _check_value(key: str, f: dataclasses.Field, hint: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: must be a string, got {value!r}")
     elif base is list:
         item = f.metadata.get("item", int)
-        if not isinstance(value, list) or not value or not all(
+        if not isinstance(value, list) or not (value or meta_empty_ok(f)) or not all(
                 isinstance(v, item) and not isinstance(v, bool) for v in value):
             kind = "integers" if item is int else "strings"
-            raise ConfigError(f"{key}: must be a non-empty list of {kind}, got {value!r}")
+            what = "a list" if meta_empty_ok(f) else "a non-empty list"
+            raise ConfigError(f"{key}: must be {what} of {kind}, got {value!r}")
     meta = f.metadata
     if meta.get("check"):
         problem = CHECKS[meta["check"]](value)

@@ -19,7 +19,6 @@ between two batches, so a new product expert goes live while frames keep flowing
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 import os
@@ -33,11 +32,12 @@ import cv2
 import numpy as np
 
 from edge.config import Config, ConfigError
-from edge.errors import MoleflowError
 from edge.frames import Frame, FrameError, decode
+from edge.health import assess
 from edge.ingest import Ingest, Message
 from edge.metrics import Metrics, serve_metrics
 from edge.publisher import Publisher
+from edge.queueing import FairQueue
 from edge.spool import AlarmSpool
 from engines.pipeline import EngineSet, FrameScore, Pipeline
 from engines.runtime import limit_library_threads, parallelism
@@ -93,8 +93,12 @@ class Daemon:
         self.metrics = Metrics()
         self.pipeline = load_engines(cfg)
         self.spool = AlarmSpool(cfg.spool.path, cfg.spool.max_alarms)
-        self.publisher = Publisher(cfg.mqtt, self.spool, self._status())
-        self.queue: collections.deque[Message] = collections.deque()
+        self.publisher = Publisher(cfg.mqtt, self.spool, self._status(), self.metrics)
+        self.queue: FairQueue[Message] = FairQueue(cfg.ingest.queue_size, cfg.ingest.cameras,
+                                                   cfg.ingest.max_cameras)
+        self.started_at = time.monotonic()
+        self._threads: list[threading.Thread] = []
+        self._log_times: dict[str, tuple[float, int]] = {}  # kind -> (last logged, suppressed)
         self.cond = threading.Condition()
         self.stopping = threading.Event()
         self._reload_pending = threading.Event()
@@ -120,11 +124,17 @@ class Daemon:
 
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        if self.cfg.metrics.port:  # first: a port in use is a config error, before any socket
+            try:
+                self._metrics_server = serve_metrics(self.metrics, self.health,
+                                                     self.cfg.metrics.bind,
+                                                     self.cfg.metrics.port)
+            except OSError as exc:
+                raise ConfigError(f"metrics.port: cannot listen on {self.cfg.metrics.bind}:"
+                                  f"{self.cfg.metrics.port} ({exc}); choose another port or "
+                                  "0 to switch /metrics and /healthz off") from exc
         self.publisher.start()
         self.ingest.start()
-        if self.cfg.metrics.port:
-            self._metrics_server = serve_metrics(self.metrics, self.health,
-                                                 self.cfg.metrics.bind, self.cfg.metrics.port)
         sd_notify("READY=1\nSTATUS=scoring frames")
         log.info("daemon started: experts %s, backend %s, %d scoring workers",
                  self.pipeline.engines.expert_names(), self.pipeline.engines.backend,
@@ -136,14 +146,17 @@ class Daemon:
         self.start()
         threads = [threading.Thread(target=self._work, args=(i,), name=f"score-{i}",
                                     daemon=True) for i in range(self.workers)]
+        self._threads = threads
         for t in threads:
             t.start()
         try:
             while not self.stopping.is_set():
                 if self._reload_pending.is_set():
                     self._do_reload()
-                if all(t.is_alive() for t in threads) and self.loop_age() < 10:
+                health = self.health()
+                if health["status"] != "unhealthy":  # every thread alive and looping
                     sd_notify("WATCHDOG=1")
+                self._gauges(health)
                 self._wake.wait(1.0)
                 self._wake.clear()
         finally:
@@ -164,6 +177,16 @@ class Daemon:
                 n = 1
             if stopping and n == 0:
                 return
+
+    def _gauges(self, health: dict) -> None:
+        """The health document's numbers as metrics (scraped between two main-loop turns)."""
+        spool = health["spool"]
+        self.metrics.set("healthy", 1.0 if health["healthy"] else 0.0)
+        self.metrics.set("mqtt_connected", 1.0 if health["mqtt"]["connected"] else 0.0)
+        self.metrics.set("spooled_alarms", float(spool["spooled_alarms"] or 0))
+        self.metrics.set("memory_alarms", float(spool["memory_alarms"]))
+        self.metrics.set("connections", float(self.ingest.connections))
+        self.metrics.set("connections_refused", float(self.ingest.refused))
 
     def loop_age(self) -> float:
         """Seconds since the least recent worker started its current loop."""
@@ -186,9 +209,13 @@ class Daemon:
         self.publisher.stop(timeout=5.0)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        left = len(self.spool)
-        if left:
-            log.warning("%d alarms stay spooled in %s for the next start", left, self.spool.path)
+        health = self.publisher.health()["spool"]
+        if health["spooled_alarms"]:
+            log.warning("%d alarms stay spooled in %s for the next start",
+                        health["spooled_alarms"], self.spool.path)
+        if health["memory_alarms"]:
+            log.error("%d undelivered alarms were only in memory (the spool could not be "
+                      "written) and are lost with this stop", health["memory_alarms"])
         self.spool.close()
 
     def reload(self) -> None:
@@ -197,26 +224,54 @@ class Daemon:
         self._wake.set()
 
     def health(self) -> dict:
-        age = self.loop_age()
-        return {"healthy": age < 10 and not self.stopping.is_set(), "loop_age_s": round(age, 3),
-                "workers": self.workers,
-                "mqtt_connected": self.publisher.connected.is_set(), "queue": len(self.queue),
-                "spooled_alarms": len(self.spool), "experts": self.pipeline.engines.expert_names()}
+        """``/healthz``: every thread, its loop, the broker and the spool (edge.health)."""
+        now = time.monotonic()
+        threads = {t.name: t.is_alive() for t in self._threads}
+        threads["ingest"] = self.ingest.alive()
+        threads.update(self.publisher.threads_alive())
+        ages = {"workers": self.loop_age(), "ingest": now - self.ingest.heartbeat,
+                "spool-pump": now - self.publisher.heartbeat}
+        with self.cond:
+            queued = len(self.queue)
+        doc = assess(threads, ages, self.publisher.health(), now - self.started_at,
+                     self.pipeline.engines.uncalibrated, self.stopping.is_set())
+        doc.update(workers=self.workers, queue=queued, mqtt_connected=doc["mqtt"]["connected"],
+                   connections=self.ingest.connections,
+                   experts=self.pipeline.engines.expert_names())
+        return doc
 
     # ----- ingest side ------------------------------------------------------------------------
     def _enqueue(self, message: Message) -> None:
-        self.metrics.inc("frames_in", camera=message.camera)
+        """Queue a received message (the ingest thread): cameras past the configured bound
+        are refused and reported; a full queue drops the flooding camera's oldest frame."""
         with self.cond:
-            if len(self.queue) >= self.cfg.ingest.queue_size:
-                old = self.queue.popleft()
-                self.metrics.inc("frames_dropped", camera=old.camera, reason="queue_full")
-            self.queue.append(message)
-            self.metrics.set("queue_depth", len(self.queue))
-            self.cond.notify()
+            admitted = self.queue.admits(message.camera)
+            if admitted:
+                old = self.queue.put(message.camera, message)
+                self.metrics.set("queue_depth", len(self.queue))
+                self.cond.notify()
+        if not admitted:
+            bound = (f"ingest.cameras {list(self.cfg.ingest.cameras)}" if self.cfg.ingest.cameras
+                     else f"ingest.max_cameras ({self.cfg.ingest.max_cameras}) reached")
+            self._ingest_error("camera_refused", f"{message.source}: camera "
+                               f"{message.camera!r} refused ({bound})")
+            return
+        self.metrics.inc("frames_in", camera=message.camera)
+        if old is not None:
+            self.metrics.inc("frames_dropped", camera=old.camera, reason="queue_full")
 
     def _ingest_error(self, kind: str, detail: str) -> None:
+        """Count, publish an event and log a problem; the log says each kind at most every
+        10 s (with how many were not logged), the events and counters keep every one."""
         self.metrics.inc("errors", kind=kind)
-        log.warning("%s: %s", kind, detail)
+        now = time.monotonic()
+        last, suppressed = self._log_times.get(kind, (-1e9, 0))
+        if now - last >= 10.0:
+            more = f" ({suppressed} more since the last line)" if suppressed else ""
+            log.warning("%s: %s%s", kind, detail, more)
+            self._log_times[kind] = (now, 0)
+        else:
+            self._log_times[kind] = (last, suppressed + 1)
         self.publisher.send("events", {"event": kind, "detail": detail, "time": time.time()})
 
     # ----- scoring side -----------------------------------------------------------------------
@@ -225,8 +280,7 @@ class Daemon:
         with self.cond:
             if not self.queue and timeout > 0:
                 self.cond.wait(timeout)
-            messages = [self.queue.popleft()
-                        for _ in range(min(len(self.queue), self.cfg.ingest.max_batch))]
+            messages = self.queue.take(self.cfg.ingest.max_batch)
             self.metrics.set("queue_depth", len(self.queue))
             if not messages:
                 return 0
@@ -258,12 +312,18 @@ class Daemon:
                 self._published += 1
 
     def _decode(self, message: Message, size: int) -> Frame | None:
+        """The message's frame, or None with the reason reported: a bad frame costs only
+        itself, never the batch it came with."""
         cfg = self.cfg.ingest
         try:
+            if message.problem:
+                raise FrameError(message.problem)
             return decode(message.parts, size, cfg.max_message_bytes,
-                          cfg.max_side, message.received_at)
-        except FrameError as exc:
-            self._ingest_error("bad_frame", f"{message.source} (camera {message.camera}): {exc}")
+                          cfg.max_side, message.received_at, cfg.max_pixels)
+        except Exception as exc:  # noqa: BLE001 - FrameError or anything a hostile buffer raises
+            reason = str(exc) if isinstance(exc, FrameError) else f"{type(exc).__name__}: {exc}"
+            self._ingest_error("bad_frame", f"{message.source} (camera {message.camera}): "
+                                            f"{reason}")
             return None
 
     def _do_reload(self) -> None:
@@ -271,7 +331,7 @@ class Daemon:
         before = set(self.pipeline.engines.expert_names())
         try:
             fresh = load_engines(self.cfg)
-        except MoleflowError as exc:
+        except Exception as exc:  # noqa: BLE001 - a bad engine set never stops the daemon
             self.metrics.inc("errors", kind="reload")
             log.error("reload failed, keeping the running engine set: %s", exc)
             self.publisher.send("events", {"event": "reload_failed", "detail": str(exc),
@@ -306,7 +366,16 @@ class Daemon:
             return
         done = time.time()
         for frame, score in zip(batch, scores):
-            self._publish(pipeline, frame, score, started, done, actions)
+            try:
+                self._publish(pipeline, frame, score, started, done, actions)
+            except Exception as exc:  # noqa: BLE001 - one frame's fault costs only that frame
+                self.metrics.inc("errors", kind="publish")
+                log.exception("preparing the messages of %s/%s failed", frame.camera,
+                              frame.frame_id)
+                actions.append(functools.partial(
+                    self.publisher.send, "events",
+                    {"event": "publish_error", "detail": repr(exc), "camera": frame.camera,
+                     "frames": [frame.frame_id], "time": time.time()}))
 
     def _publish(self, pipeline: Pipeline, frame: Frame, s: FrameScore, started: float,
                  done: float, actions: list[Callable[[], object]]) -> None:

@@ -11,6 +11,7 @@ wrong; nothing here may crash the daemon.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +35,25 @@ class Frame:
     product: str | None = None     # hint that bypasses the router
 
 
+MAX_HEADER_BYTES = 65536
+"""An imagezmq header is a few dozen bytes; anything near this is hostile."""
+
+
+def parse_header(raw: bytes) -> object:
+    """The JSON header, or FrameError: deep nesting (``[[[[...``) raises RecursionError in
+    Python's parser and NaN/Infinity are not JSON, so both are refused here by name."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FrameError(f"header is not JSON ({exc})") from None
+    except RecursionError:
+        raise FrameError("header is not JSON (nested too deeply)") from None
+
+
+def _no_constant(name: str) -> object:
+    raise FrameError(f"header is not JSON ({name} is not a JSON number)")
+
+
 def parse_msg(msg: object) -> tuple[str, str, float | None, str | None]:
     """(camera, frame id, timestamp, product hint) from imagezmq's ``msg`` field."""
     if isinstance(msg, dict):
@@ -44,7 +64,7 @@ def parse_msg(msg: object) -> tuple[str, str, float | None, str | None]:
         if text.startswith("{"):
             try:
                 data = json.loads(text)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 data = None
         if not isinstance(data, dict):
             parts = text.split("|")
@@ -52,18 +72,26 @@ def parse_msg(msg: object) -> tuple[str, str, float | None, str | None]:
                     "timestamp": parts[2] if len(parts) > 2 else None}
     camera = str(data.get("camera") or "camera").strip()[:64] or "camera"
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in camera)
-    ts = data.get("timestamp", data.get("ts"))
-    try:
-        stamp = float(ts) if ts not in (None, "") else None
-    except (TypeError, ValueError):
-        stamp = None
+    stamp = _timestamp(data.get("timestamp", data.get("ts")))
     product = data.get("product")
     return safe, str(data.get("frame", data.get("frame_id", "")))[:128], stamp, \
         (str(product) if product else None)
 
 
+def _timestamp(value: object) -> float | None:
+    """A finite float or None: a NaN, an infinity or an integer too big for a float (all seen
+    from hostile senders) would otherwise reach the payloads as invalid JSON or raise."""
+    if value in (None, "") or isinstance(value, bool):
+        return None
+    try:
+        stamp = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return stamp if math.isfinite(stamp) else None
+
+
 def decode(parts: list[bytes], size: int, max_bytes: int, max_side: int,
-           received_at: float | None = None) -> Frame:
+           received_at: float | None = None, max_pixels: int = 25_000_000) -> Frame:
     """Validate and decode one two-part imagezmq message into a ``Frame`` at ``size``²."""
     if len(parts) != 2:
         raise FrameError(f"expected 2 message parts (JSON header, buffer), got {len(parts)}")
@@ -72,17 +100,16 @@ def decode(parts: list[bytes], size: int, max_bytes: int, max_side: int,
     if total > max_bytes:
         raise FrameError(f"message of {total} bytes exceeds ingest.max_message_bytes "
                          f"({max_bytes})")
-    try:
-        header = json.loads(header_raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FrameError(f"header is not JSON ({exc})") from None
+    if len(header_raw) > MAX_HEADER_BYTES:
+        raise FrameError(f"header of {len(header_raw)} bytes exceeds {MAX_HEADER_BYTES} bytes")
+    header = parse_header(header_raw)
     if not isinstance(header, dict) or "msg" not in header:
         raise FrameError("header must be a JSON object with a 'msg' field")
     camera, frame_id, stamp, product = parse_msg(header["msg"])
     if "shape" in header or "dtype" in header:
-        image = _raw(header, buf, max_side)
+        image = _raw(header, buf, max_side, max_pixels)
     else:
-        image = _jpeg(buf, max_side)
+        image = _jpeg(buf, max_side, max_pixels)
     if image.shape[:2] != (size, size):
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -90,7 +117,7 @@ def decode(parts: list[bytes], size: int, max_bytes: int, max_side: int,
                  product=product)
 
 
-def _raw(header: dict, buf: bytes, max_side: int) -> np.ndarray:
+def _raw(header: dict, buf: bytes, max_side: int, max_pixels: int) -> np.ndarray:
     dtype, shape = header.get("dtype"), header.get("shape")
     if dtype != "uint8":
         raise FrameError(f"dtype must be uint8, got {dtype!r}")
@@ -99,8 +126,7 @@ def _raw(header: dict, buf: bytes, max_side: int) -> np.ndarray:
         raise FrameError(f"shape must be [H, W] or [H, W, 3], got {shape!r}")
     if len(shape) == 3 and shape[2] not in (1, 3):
         raise FrameError(f"shape must have 1 or 3 channels, got {shape!r}")
-    if max(shape[:2]) > max_side:
-        raise FrameError(f"frame {shape[0]}x{shape[1]} exceeds ingest.max_side ({max_side})")
+    _check_size(shape[0], shape[1], "frame", max_side, max_pixels)
     if int(np.prod(shape)) != len(buf):
         raise FrameError(f"buffer has {len(buf)} bytes, shape {shape} needs {int(np.prod(shape))}")
     image = np.frombuffer(buf, dtype=np.uint8).reshape(shape)
@@ -122,7 +148,16 @@ def jpeg_size(buf: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _jpeg(buf: bytes, max_side: int) -> np.ndarray:
+def _check_size(height: int, width: int, what: str, max_side: int, max_pixels: int) -> None:
+    """Refuse a frame by its declared size, before it is decoded: a JPEG of a few kB can
+    claim 8000x8000 and would take 192 MB once decoded."""
+    if max(height, width) > max_side:
+        raise FrameError(f"{what} {height}x{width} exceeds ingest.max_side ({max_side})")
+    if height * width > max_pixels:
+        raise FrameError(f"{what} {height}x{width} exceeds ingest.max_pixels ({max_pixels})")
+
+
+def _jpeg(buf: bytes, max_side: int, max_pixels: int) -> np.ndarray:
     if len(buf) < 4 or buf[:2] != b"\xff\xd8":
         raise FrameError("buffer is neither a raw array (no shape/dtype in the header) nor a "
                          "JPEG (no SOI marker)")
@@ -131,8 +166,7 @@ def _jpeg(buf: bytes, max_side: int) -> np.ndarray:
     dims = jpeg_size(buf)
     if dims is None:
         raise FrameError("JPEG has no readable frame header")
-    if max(dims) > max_side:
-        raise FrameError(f"JPEG {dims[0]}x{dims[1]} exceeds ingest.max_side ({max_side})")
+    _check_size(dims[0], dims[1], "JPEG", max_side, max_pixels)
     arr = np.frombuffer(buf, dtype=np.uint8)
     image = cv2.imdecode(arr, cv2.IMREAD_COLOR)
     if image is None:

@@ -92,3 +92,31 @@ def real_engine_set(real_run, tmp_path_factory):
     export_engine_set(run, out)
     calibrate_engine_set(out, data, CalibrationConfig())
     return run, data, out
+
+
+DAEMON_SMALL = {"train.epochs": 2, "data.image_size": 64, "model.coupling_blocks": 2,
+                "model.lora_rank": 8, "eval.overlays_per_class": 0, "train.val_fraction": 0.34}
+
+
+#: A small engine set (synthetic alpha and beta, calibrated) for the daemon's tests.
+@pytest.fixture(scope="module")
+def engine_set(synthetic_root, tmp_path_factory):
+    from calibration.calibrate import calibrate_engine_set
+    from edge.config import CalibrationConfig, load_config
+    from engines.export import export_engine_set
+    from train.continual import train_tasks
+    base = tmp_path_factory.mktemp("daemon")
+    train_tasks(base / "run", synthetic_root, ["alpha", "beta"], load_config(None, DAEMON_SMALL),
+                progress=False)
+    export_engine_set(base / "run", base / "engines")
+    calibrate_engine_set(base / "engines", synthetic_root, CalibrationConfig())
+    return base / "engines"
+
+
+@pytest.fixture()
+def broker(tmp_path):
+    """A real Mosquitto on a free port (skips where it is not installed)."""
+    from tests.daemon_helpers import Broker
+    b = Broker(tmp_path / "mosquitto").start()
+    yield b
+    b.stop()

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from edge.config import load_config
 from edge.harness import Mosquitto, free_port, mosquitto_path
 
-__all__ = ["Broker", "Listener", "check_payload", "free_port"]
+__all__ = ["Broker", "Listener", "Running", "check_payload", "daemon_config", "free_port"]
 
 
 def Broker(folder: Path) -> Mosquitto:
@@ -81,3 +82,27 @@ def check_payload(kind: str, payload: dict) -> None:
     import jsonschema
     schema = {"$defs": SCHEMA["$defs"], "$ref": f"#/$defs/{kind}"}
     jsonschema.validate(payload, schema)
+
+
+def daemon_config(engines, broker, tmp_path, endpoints, **extra):
+    overrides = {"engines.path": str(engines), "mqtt.port": broker.port,
+                 "mqtt.device_id": "line1", "ingest.endpoints": endpoints,
+                 "spool.path": str(tmp_path / "spool.sqlite"), "metrics.port": 0,
+                 "mqtt.map_interval": 0.0, **extra}
+    return load_config(None, overrides)
+
+
+class Running:
+    """A daemon on a background thread."""
+
+    def __init__(self, cfg) -> None:
+        from edge.daemon import Daemon
+        self.daemon = Daemon(cfg)
+        self.thread = threading.Thread(target=self.daemon.run, daemon=True)
+        self.thread.start()
+        assert self.daemon.publisher.connected.wait(10), "daemon did not reach the broker"
+
+    def stop(self) -> None:
+        self.daemon.stop()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()

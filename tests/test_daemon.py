@@ -14,63 +14,14 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.calibrate import calibrate_engine_set
 from edge.cli import main
-from edge.config import CalibrationConfig, load_config
-from edge.daemon import Daemon
-from engines.export import export_engine_set
 from engines.pipeline import EngineSet, Pipeline
-from train.continual import train_tasks
 from train.data import load_class, load_images
 
-from tests.daemon_helpers import Broker, Listener, check_payload, free_port
+from tests.daemon_helpers import Listener, Running, check_payload, daemon_config, free_port
 
 imagezmq = pytest.importorskip("imagezmq", reason="imagezmq is a test dependency ('.[dev]')")
 zmq = pytest.importorskip("zmq", reason="pyzmq is part of the edge extra")
-
-SMALL = {"train.epochs": 2, "data.image_size": 64, "model.coupling_blocks": 2,
-         "model.lora_rank": 8, "eval.overlays_per_class": 0, "train.val_fraction": 0.34}
-
-
-@pytest.fixture(scope="module")
-def engine_set(synthetic_root, tmp_path_factory):
-    base = tmp_path_factory.mktemp("daemon")
-    train_tasks(base / "run", synthetic_root, ["alpha", "beta"], load_config(None, SMALL),
-                progress=False)
-    export_engine_set(base / "run", base / "engines")
-    calibrate_engine_set(base / "engines", synthetic_root, CalibrationConfig())
-    return base / "engines"
-
-
-@pytest.fixture()
-def broker(tmp_path):
-    b = Broker(tmp_path / "mosquitto").start()
-    yield b
-    b.stop()
-
-
-def daemon_config(engines, broker, tmp_path, endpoints, **extra):
-    overrides = {"engines.path": str(engines), "mqtt.port": broker.port,
-                 "mqtt.device_id": "line1", "ingest.endpoints": endpoints,
-                 "spool.path": str(tmp_path / "spool.sqlite"), "metrics.port": 0,
-                 "mqtt.map_interval": 0.0, **extra}
-    return load_config(None, overrides)
-
-
-class Running:
-    """A daemon on a background thread."""
-
-    def __init__(self, cfg) -> None:
-        self.daemon = Daemon(cfg)
-        self.thread = threading.Thread(target=self.daemon.run, daemon=True)
-        self.thread.start()
-        assert self.daemon.publisher.connected.wait(10), "daemon did not reach the broker"
-
-    def stop(self) -> None:
-        self.daemon.stop()
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive()
-
 
 def test_req_rep_raw_and_jpeg_frames_become_results_and_alarms(engine_set, broker, tmp_path,
                                                               synthetic_root):
