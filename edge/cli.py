@@ -214,16 +214,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         parse_endpoint(text)
     if not cfg.engines.path:
         raise ConfigError("engines.path: no engine set given (the folder with manifest.json)")
-    from engines.manifest import Manifest, verified
     root = Path(cfg.engines.path)
-    manifest = Manifest.load(root)
-    for entry in [manifest.backbone["files"], *(e.files for e in manifest.experts)]:
-        for ref in entry.values():
-            verified(root, ref)
     if args.validate_config:
-        print(f"config OK: engine set {root} ({len(manifest.experts)} experts), "
-              f"{len(cfg.ingest.endpoints)} camera socket(s), MQTT {cfg.mqtt.host}:{cfg.mqtt.port}")
-        return 0
+        return _validate_engines(cfg, root)
+    from engines.manifest import Manifest
+    Manifest.load(root).verify_files(root)
     import signal
     from edge.daemon import Daemon
     from edge.logs import setup_logging
@@ -236,12 +231,63 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate_engines(cfg, root: Path) -> int:
+    """``serve --validate-config``'s engine-set part: every file checked and the set opened as
+    the daemon would (``validate_engine_set``); experts that will raise no alarm are a
+    warning, not a failure (a line may run an expert uncalibrated on purpose while collecting
+    its held-out images)."""
+    from engines.pipeline import validate_engine_set
+    from engines.runtime import parallelism
+    _, threads = parallelism(cfg.engines.backend, cfg.engines.workers, cfg.engines.threads)
+    engines = validate_engine_set(root, cfg.engines.backend, cfg.engines.precision, threads)
+    if engines.uncalibrated:
+        print(f"moleflow: WARNING: expert(s) {', '.join(engines.uncalibrated)} of {root} have no "
+              "calibration for their graph: no alarm will be raised for their frames (run "
+              f"'moleflow calibrate --engines {root} --data DIR')", file=sys.stderr)
+    print(f"config OK: engine set {root} ({len(engines.experts)} experts, "
+          f"{cfg.engines.backend} {cfg.engines.precision}), {len(cfg.ingest.endpoints)} camera "
+          f"socket(s), MQTT {cfg.mqtt.host}:{cfg.mqtt.port}")
+    return 0
+
+
 def cmd_bench_daemon(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from edge.bench import bench_daemon, load_frames
     frames = load_frames(args.engines, _data_root(args, cfg))
     print(bench_daemon(args.engines, frames, cfg, seconds=args.seconds, rate=args.rate,
                        rounds=args.rounds).lines())
+    return 0
+
+
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    """Hostile messages mixed with valid frames against the served daemon; non-zero when it
+    crashed, lost a valid frame, or left a hostile message unreported."""
+    from edge.fuzz import run_fuzz
+    report = run_fuzz(args.engines, _config(args), args.messages,
+                      0 if args.seed is None else args.seed, args.valid, args.pattern, args.out,
+                      args.data, args.patience)
+    print(report.text())
+    return 1 if report.failed else 0
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    """The served daemon under a steady JPEG stream, its memory and fds sampled; non-zero when
+    they drift past the tolerance after the warm-up."""
+    from edge.soak import run_soak
+    report = run_soak(args.engines, _config(args), args.minutes, args.fps, args.cameras,
+                      args.interval, args.tolerance, args.warmup, args.data,
+                      emit=lambda line: print(line, flush=True))
+    return 0 if report.ok else 1
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """A ZeroMQ CURVE key pair: NAME.key (public: give it to the other side) and
+    NAME.key_secret (keep it where only its owner reads it)."""
+    import zmq.auth
+    args.out.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(args.out), args.name)
+    Path(secret).chmod(0o600)
+    print(f"public key: {public}\nsecret key: {secret} (mode 0600)")
     return 0
 
 
@@ -277,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
         "bench-daemon": (cmd_bench_daemon, "drive a running daemon with a sender process: "
                                            "frames/s and latency to the MQTT result"),
         "config": (cmd_config, "validate a config file and print it resolved"),
+        "keys": (cmd_keys, "make a ZeroMQ CURVE key pair for the daemon (ingest."
+                           "curve_secret_key) or a camera (ingest.curve_clients)"),
+        "fuzz": (cmd_fuzz, "send hostile messages mixed with valid frames to the served daemon "
+                           "and check it stays up and reports each one"),
+        "soak": (cmd_soak, "serve a steady JPEG stream for minutes and watch the daemon's "
+                           "memory, fds and threads"),
     }
     for name, (fn, help_) in commands.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -329,9 +381,36 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "bench":
             p.add_argument("--task", default=None, help="class to train (default: the first)")
             p.add_argument("--repeat", type=int, default=1, help="timed repetitions")
+        if name in ("fuzz", "soak"):
+            p.add_argument("--engines", type=Path, required=True, help="engine-set folder")
+            p.add_argument("--data", type=Path, help="MVTec-layout folder whose test images of "
+                           "the set's products are sent (default: generated frames)")
+        if name == "fuzz":  # --seed (above) seeds the messages here
+            p.add_argument("--messages", type=int, default=5000,
+                           help="hostile or ambiguous messages in the mixed phase")
+            p.add_argument("--valid", type=int, help="valid frames among them (default: a "
+                                                     "quarter as many)")
+            p.add_argument("--pattern", choices=("pull", "rep"), default="pull",
+                           help="the daemon's socket: pull (PUSH senders) or rep (REQ senders)")
+            p.add_argument("--out", type=Path, help="keep each daemon's config and log here")
+            p.add_argument("--patience", type=float, default=4.0,
+                           help="seconds an answer or result is waited for before it is lost")
+        if name == "soak":
+            p.add_argument("--minutes", type=float, default=30.0, help="how long frames flow")
+            p.add_argument("--fps", type=float, default=10.0, help="frames/s of each camera")
+            p.add_argument("--cameras", type=int, default=2, help="cameras sending")
+            p.add_argument("--interval", type=float, default=60.0,
+                           help="seconds between two samples")
+            p.add_argument("--tolerance", type=float, default=5.0,
+                           help="largest change of RSS and fds after the warm-up, per cent")
+            p.add_argument("--warmup", type=float, help="warm-up minutes not compared "
+                                                        "(default: 3, or 30 %% of a shorter run)")
         if name == "serve":
             p.add_argument("--validate-config", action="store_true",
                            help="check the config and the engine set's files, then exit")
+        if name == "keys":
+            p.add_argument("--out", type=Path, required=True, help="folder for the key files")
+            p.add_argument("--name", default="server", help="file name stem (server, camera1)")
         if name == "config":
             p.add_argument("--defaults", action="store_true", help="list every option")
             p.add_argument("--documented", action="store_true",

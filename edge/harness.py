@@ -86,12 +86,28 @@ def start_broker(folder: Path, embedded_ok: bool):
     return broker
 
 
+class Served(int):
+    """What ``served()`` yields: the camera socket's port (callers use it as the int it is),
+    with the daemon's process and folder, so tools that watch the daemon from outside (``moleflow
+    fuzz``, ``moleflow soak``) can read its pid's /proc entries and its log."""
+
+    daemon: subprocess.Popen
+    folder: Path
+
+    @classmethod
+    def of(cls, port: int, daemon: subprocess.Popen, folder: Path) -> "Served":
+        out = cls(port)
+        out.daemon, out.folder = daemon, folder
+        return out
+
+
 @contextlib.contextmanager
 def served(engines: Path, cfg: Config, folder: Path, pattern: str, device_id: str,
            topics: list[tuple[str, int]], on_message: Callable[[str, bytes], None],
            settings: dict[str, dict] | None = None, embedded_ok: bool = False
-           ) -> Iterator[int]:
-    """Serve ``engines`` with one ``pattern`` (rep/pull/sub) camera socket; yields its port.
+           ) -> Iterator[Served]:
+    """Serve ``engines`` with one ``pattern`` (rep/pull/sub) camera socket; yields its port
+    (a ``Served``: also the daemon's process).
 
     ``on_message(topic, payload)`` gets every message on ``topics`` (filters under
     ``moleflow/<device_id>/``) on the listener's thread; ``settings`` override config
@@ -136,7 +152,7 @@ def served(engines: Path, cfg: Config, folder: Path, pattern: str, device_id: st
         if not online.wait(180):
             raise MoleflowError(f"the daemon did not come online: "
                                 f"{log_path.read_text()[-2000:]}")
-        yield zport
+        yield Served.of(zport, daemon, folder)
     finally:
         client.loop_stop()
         client.disconnect()
