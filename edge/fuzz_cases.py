@@ -11,6 +11,7 @@ count exactly without guessing how a mutation turns out. No torch.
 from __future__ import annotations
 
 import json
+import re
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -222,6 +223,17 @@ def _flip(buf: bytes, f: Forge, start: int = 0) -> bytes:
     return bytes(out)
 
 
+def _flip_header(header: bytes, f: Forge) -> bytes:
+    """Bit flips anywhere in a header but its frame id (``h`` + 6 digits): a flipped digit
+    would give the message another case's id, and its result would be blamed on that case."""
+    found = re.search(rb"h\d{6}", header)
+    if found is None:
+        return _flip(header, f)
+    head, ident, tail = header[:found.start()], found.group(), header[found.end():]
+    flipped = _flip(head + tail, f)
+    return flipped[:len(head)] + ident + flipped[len(head):]
+
+
 def _mutation(change: Callable[[Forge, list[bytes]], list[bytes]], raw: bool = False) -> Build:
     """A valid frame (a fresh id of its own) changed by ``change``."""
     def build(f: Forge, camera: str, frame_id: str) -> list[bytes]:
@@ -234,7 +246,7 @@ MUTATIONS = [
     Kind("mutation:jpeg_truncated", EITHER,
          _mutation(lambda f, p: [p[0], p[1][:f.rng.randrange(0, len(p[1]))]])),
     Kind("mutation:raw_bitflips", EITHER, _mutation(lambda f, p: [p[0], _flip(p[1], f)], raw=True)),
-    Kind("mutation:header_bitflips", EITHER, _mutation(lambda f, p: [_flip(p[0], f), p[1]])),
+    Kind("mutation:header_bitflips", EITHER, _mutation(lambda f, p: [_flip_header(p[0], f), p[1]])),
     Kind("mutation:header_truncated", HOSTILE,
          _mutation(lambda f, p: [p[0][:f.rng.randrange(0, len(p[0]))], p[1]])),
     Kind("mutation:parts_swapped", HOSTILE, _mutation(lambda f, p: [p[1], p[0]])),

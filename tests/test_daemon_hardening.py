@@ -438,3 +438,61 @@ def test_curve_lets_only_known_cameras_in(engine_set, broker, tmp_path, syntheti
         ctx.destroy(linger=0)
         run.stop()
         listener.close()
+
+
+# ----- engine set and config gaps ---------------------------------------------------------------
+@pytest.mark.parametrize("broken", ["a JSON list", "no input.mean"])
+def test_a_bad_reload_keeps_the_running_set(broken, engine_set, broker, tmp_path, synthetic_root):
+    """SIGHUP with a broken manifest used to stop the daemon: now it reports reload_failed and
+    goes on scoring with the set it had."""
+    import shutil
+    live = tmp_path / "engines"
+    shutil.copytree(engine_set, live)
+    port = free_port()
+    listener = Listener(broker.port, "moleflow/line1/#")
+    run = Running(daemon_config(live, broker, tmp_path, [f"pull+tcp://127.0.0.1:{port}"]))
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{port}")
+    bgr = cv2.imread(str(load_class(synthetic_root, "beta").test[0].path))
+    try:
+        manifest = json.loads((live / "manifest.json").read_text())
+        if broken == "a JSON list":
+            manifest = [manifest]
+        else:
+            del manifest["input"]["mean"]
+        (live / "manifest.json").write_text(json.dumps(manifest))
+        run.daemon.reload()
+        event = next(e for e in listener.wait_for("/events", 1) if e["event"] == "reload_failed")
+        assert "manifest.json" in event["detail"]
+        check_payload("event", event)
+        push.send_multipart(raw_frame("cam7", "after", bgr))
+        assert listener.wait_for("cam7/result", 1)[0]["expert"] == "beta"
+        assert run.thread.is_alive() and run.daemon.metrics.value("errors", kind="reload") == 1
+    finally:
+        ctx.destroy(linger=0)
+        run.stop()
+        listener.close()
+
+
+def test_metrics_port_in_use_and_topic_levels_are_named(engine_set, broker, tmp_path, capsys):
+    import socket
+    from edge.cli import main
+    from edge.config import ConfigError
+    for bad in ("edge/#", "line+1", ""):
+        with pytest.raises(ConfigError, match="mqtt.device_id"):
+            load_config(None, {"mqtt.device_id": bad})
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    conf = tmp_path / "edge.yaml"
+    conf.write_text(json.dumps({"engines": {"path": str(engine_set)},
+                                "mqtt": {"port": broker.port},
+                                "ingest": {"endpoints": [f"pull+tcp://127.0.0.1:{free_port()}"]},
+                                "spool": {"path": str(tmp_path / "s.sqlite")},
+                                "metrics": {"port": taken.getsockname()[1]}}))
+    try:
+        assert main(["serve", "--config", str(conf)]) == 2
+        assert "metrics.port: cannot listen on 127.0.0.1" in capsys.readouterr().err
+    finally:
+        taken.close()
