@@ -18,26 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.calibrate import calibrate_engine_set
 from edge.cli import main
-from edge.config import CalibrationConfig, load_config
-from engines.export import export_engine_set, npz_bytes
+from engines.export import npz_bytes
 from engines.manifest import EngineSetError, Manifest, sha256_of
 from engines.pipeline import EngineSet, validate_engine_set
-from train.continual import train_tasks
 
-SMALL = {"train.epochs": 1, "data.image_size": 64, "model.coupling_blocks": 2,
-         "model.lora_rank": 8, "eval.overlays_per_class": 0, "train.val_fraction": 0.34}
-
-
-@pytest.fixture(scope="module")
-def engine_set(synthetic_root, tmp_path_factory):
-    base = tmp_path_factory.mktemp("checks")
-    train_tasks(base / "run", synthetic_root, ["alpha", "beta"], load_config(None, SMALL),
-                progress=False)
-    export_engine_set(base / "run", base / "engines")
-    calibrate_engine_set(base / "engines", synthetic_root, CalibrationConfig())
-    return base / "engines"
+# engine_set: the small calibrated set of tests/conftest.py (synthetic alpha and beta)
 
 
 @pytest.fixture()
