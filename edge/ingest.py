@@ -238,13 +238,15 @@ class Ingest:
             self._report("receive", f"{ep.address}: {exc}")
             return
         parts, total, count = [first], len(first), 1
-        while sock.getsockopt(zmq.RCVMORE):  # the rest of a multipart message is already here
-            part = sock.recv()
-            count, total = count + 1, total + len(part)
-            if count <= MAX_PARTS and total <= self.cfg.max_message_bytes:
-                parts.append(part)
-        if ep.pattern == "rep":
-            sock.send(b"OK")
+        try:
+            while sock.getsockopt(zmq.RCVMORE):  # the rest of a multipart message is here
+                part = sock.recv()
+                count, total = count + 1, total + len(part)
+                if count <= MAX_PARTS and total <= self.cfg.max_message_bytes:
+                    parts.append(part)
+        finally:  # a REP socket that does not answer can never receive again
+            if ep.pattern == "rep":
+                sock.send(b"OK")
         problem = None
         if count > MAX_PARTS:
             problem = f"expected 2 message parts (JSON header, buffer), got {count}"

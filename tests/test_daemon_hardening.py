@@ -496,3 +496,38 @@ def test_metrics_port_in_use_and_topic_levels_are_named(engine_set, broker, tmp_
         assert "metrics.port: cannot listen on 127.0.0.1" in capsys.readouterr().err
     finally:
         taken.close()
+
+
+def test_a_dead_ingest_thread_stops_the_watchdog(engine_set, broker, tmp_path, monkeypatch):
+    """The watchdog covers every thread: with ingest gone, /healthz says unhealthy and the
+    pings stop, so systemd restarts the daemon (it used to stay "healthy" and deaf)."""
+    import socket
+    notify = tmp_path / "notify.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(notify))
+    server.settimeout(3)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify))
+    mport = free_port()
+    run = Running(daemon_config(engine_set, broker, tmp_path,
+                                [f"pull+tcp://127.0.0.1:{free_port()}"], **{"metrics.port": mport}))
+    try:
+        wait_until(lambda: healthz(mport).get("status") == "healthy", 15, "healthy at first")
+        while server.recv(256).decode().split("\n")[0] != "WATCHDOG=1":
+            pass
+        run.daemon.ingest._stop.set()  # the thread ends as if it had crashed
+        wait_until(lambda: healthz(mport).get("status") == "unhealthy", 15, "unhealthy")
+        assert "thread ingest is not running" in healthz(mport)["reasons"]
+        time.sleep(1.5)  # the main loop noticed; drain what was sent before
+        server.settimeout(0.1)
+        try:
+            while True:
+                server.recv(256)
+        except socket.timeout:
+            pass
+        server.settimeout(3)
+        with pytest.raises(socket.timeout):
+            while True:
+                assert server.recv(256).decode().split("\n")[0] != "WATCHDOG=1"
+    finally:
+        run.stop()
+        server.close()
