@@ -355,16 +355,17 @@ def health_says(mport: int, words: str, timeout: float = 30.0) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("case", ["wrong port", "wrong CA", "hostname mismatch"])
+@pytest.mark.parametrize("case", ["wrong host", "wrong port", "wrong CA", "hostname mismatch"])
 def test_silent_broker_failures_are_logged_and_unhealthy(case, engine_set, tls_broker, tmp_path,
                                                          caplog):
     b, files = tls_broker
     tls = {"mqtt.tls": True, "mqtt.cert_file": str(files["client.crt"]),
            "mqtt.key_file": str(files["client.key"])}
-    extra = {"wrong port": {"mqtt.port": free_port()},
+    extra = {"wrong host": {"mqtt.host": "broker.invalid"},
+             "wrong port": {"mqtt.port": free_port()},
              "wrong CA": {**tls, "mqtt.ca_file": str(files["other.crt"])},
              "hostname mismatch": {**tls, "mqtt.ca_file": str(files["ca.crt"])}}[case]
-    expect = {"wrong port": "Connection refused", "wrong CA": "CERTIFICATE_VERIFY_FAILED",
+    expect = {"wrong host": "cannot connect to broker.invalid", "wrong port": "Connection refused", "wrong CA": "CERTIFICATE_VERIFY_FAILED",
               "hostname mismatch": "mismatch"}[case]
     mport = free_port()
     cfg = daemon_config(engine_set, b, tmp_path, [f"pull+tcp://127.0.0.1:{free_port()}"],
