@@ -69,7 +69,13 @@ def load_engines(cfg: Config) -> Pipeline:
     limit_library_threads(threads)
     engines = EngineSet.open(Path(cfg.engines.path), backend=cfg.engines.backend,
                              precision=cfg.engines.precision, threads=threads)
-    return Pipeline(engines, with_maps=False)  # maps only for alarms and due map messages
+    pipeline = Pipeline(engines, with_maps=False)  # maps only for alarms and due map messages
+    workers, _ = parallelism(cfg.engines.backend, cfg.engines.workers, cfg.engines.threads)
+    started = time.perf_counter()
+    pipeline.warm_up(cfg.ingest.max_batch, workers)
+    log.info("engine set warmed up (batches of 1..%d, %d workers) in %.1f s",
+             cfg.ingest.max_batch, workers, time.perf_counter() - started)
+    return pipeline
 
 
 def regions(anomaly_map: np.ndarray, threshold: float, max_regions: int = 16) -> list[dict]:
