@@ -308,9 +308,14 @@ def test_notify_watchdog_metrics_and_health(engine_set, broker, tmp_path, monkey
         assert 'moleflow_frames_in{camera="cam6"} 1' in text
         assert 'moleflow_frames_scored{camera="cam6"} 1' in text
         assert 'moleflow_stage_seconds_count{stage="backbone"} 1' in text
+        assert "moleflow_mqtt_connects 1" in text  # the publisher's counters reach /metrics
+        assert "moleflow_healthy 1" in text and "moleflow_connections 1" in text
         health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{mport}/healthz",
                                                    timeout=5).read())
         assert health["healthy"] and health["mqtt_connected"] and health["experts"]
+        assert health["status"] == "healthy" and health["reasons"] == []
+        assert all(health["threads"].values()) and {"ingest", "spool-pump", "mqtt-network",
+                                                    "score-0"} <= set(health["threads"])
     finally:
         push.close(0)
         ctx.term()
