@@ -119,6 +119,7 @@ class Daemon:
         self._ready: dict[int, list[Callable[[], object]]] = {}
         self._order_lock = threading.Lock()
         self.ingest = Ingest(cfg.ingest, self._enqueue, self._ingest_error)
+        self.metrics.collectors.append(lambda: self._gauges(self.health()))
         self._metrics_server = None
 
     def _status(self) -> dict:
@@ -159,10 +160,8 @@ class Daemon:
             while not self.stopping.is_set():
                 if self._reload_pending.is_set():
                     self._do_reload()
-                health = self.health()
-                if health["status"] != "unhealthy":  # every thread alive and looping
+                if self.health()["status"] != "unhealthy":  # every thread alive and looping
                     sd_notify("WATCHDOG=1")
-                self._gauges(health)
                 self._wake.wait(1.0)
                 self._wake.clear()
         finally:
@@ -185,7 +184,7 @@ class Daemon:
                 return
 
     def _gauges(self, health: dict) -> None:
-        """The health document's numbers as metrics (scraped between two main-loop turns)."""
+        """The health document's numbers as metrics, set as each scrape begins."""
         spool = health["spool"]
         self.metrics.set("healthy", 1.0 if health["healthy"] else 0.0)
         self.metrics.set("mqtt_connected", 1.0 if health["mqtt"]["connected"] else 0.0)

@@ -18,6 +18,7 @@ class Metrics:
         self.counters: dict[tuple[str, tuple], float] = {}
         self.gauges: dict[tuple[str, tuple], float] = {}
         self.hist: dict[str, list[float]] = {}       # stage -> bucket counts + [sum, count]
+        self.collectors: list[Callable[[], None]] = []  # set gauges just before each scrape
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         key = (name, tuple(sorted(labels.items())))
@@ -46,6 +47,8 @@ class Metrics:
             return sum(v for (n, _), v in self.counters.items() if n == name)
 
     def render(self) -> str:
+        for collect in self.collectors:  # outside the lock: collectors call set()
+            collect()
         def fmt(labels: tuple) -> str:
             return "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
         lines = []
