@@ -421,6 +421,7 @@ def test_curve_lets_only_known_cameras_in(engine_set, broker, tmp_path, syntheti
         sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(secret_file)
         sock.curve_serverkey = server_public
         sock.setsockopt(zmq.RCVTIMEO, 3000)
+        sock.setsockopt(zmq.SNDTIMEO, 3000)  # a refused REQ socket has no peer to send to
         sock.connect(f"tcp://127.0.0.1:{port}")
         return sock
     try:
@@ -429,8 +430,8 @@ def test_curve_lets_only_known_cameras_in(engine_set, broker, tmp_path, syntheti
         assert good.recv() == b"OK"
         assert listener.wait_for("cam1/result", 1)[0]["frame"] == "1"
         bad = camera(keys / "strangers" / "intruder.key_secret")
-        bad.send_multipart(raw_frame("cam2", "1", bgr))
-        with pytest.raises(zmq.Again):
+        with pytest.raises(zmq.Again):  # refused at the handshake: no send, or no answer
+            bad.send_multipart(raw_frame("cam2", "1", bgr))
             bad.recv()
         event = listener.wait_for("/events", 1)[0]
         assert event["event"] == "connection_refused" and "key not allowed" in event["detail"]
