@@ -65,12 +65,12 @@ def sd_notify(message: str) -> bool:
 def load_engines(cfg: Config) -> Pipeline:
     if not cfg.engines.path:
         raise ConfigError("engines.path: no engine set given (the folder with manifest.json)")
-    _, threads = parallelism(cfg.engines.backend, cfg.engines.workers, cfg.engines.threads)
+    workers, threads = parallelism(cfg.engines.backend, cfg.engines.workers,
+                                   cfg.engines.threads)
     limit_library_threads(threads)
     engines = EngineSet.open(Path(cfg.engines.path), backend=cfg.engines.backend,
                              precision=cfg.engines.precision, threads=threads)
     pipeline = Pipeline(engines, with_maps=False)  # maps only for alarms and due map messages
-    workers, _ = parallelism(cfg.engines.backend, cfg.engines.workers, cfg.engines.threads)
     started = time.perf_counter()
     pipeline.warm_up(cfg.ingest.max_batch, workers)
     log.info("engine set warmed up (batches of 1..%d, %d workers) in %.1f s",
