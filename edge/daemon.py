@@ -35,6 +35,7 @@ from edge.config import Config, ConfigError
 from edge.frames import Frame, FrameError, decode
 from edge.health import assess
 from edge.ingest import Ingest, Message
+from edge.logs import Throttle
 from edge.metrics import Metrics, serve_metrics
 from edge.publisher import Publisher
 from edge.queueing import FairQueue
@@ -104,7 +105,7 @@ class Daemon:
                                                    cfg.ingest.max_cameras)
         self.started_at = time.monotonic()
         self._threads: list[threading.Thread] = []
-        self._log_times: dict[str, tuple[float, int]] = {}  # kind -> (last logged, suppressed)
+        self._log_throttle = Throttle(10.0)  # ingest/decode faults: a line per kind per 10 s
         self.cond = threading.Condition()
         self.stopping = threading.Event()
         self._reload_pending = threading.Event()
@@ -269,14 +270,10 @@ class Daemon:
         """Count, publish an event and log a problem; the log says each kind at most every
         10 s (with how many were not logged), the events and counters keep every one."""
         self.metrics.inc("errors", kind=kind)
-        now = time.monotonic()
-        last, suppressed = self._log_times.get(kind, (-1e9, 0))
-        if now - last >= 10.0:
-            more = f" ({suppressed} more since the last line)" if suppressed else ""
+        left_out = self._log_throttle.due(kind)
+        if left_out is not None:
+            more = f" ({left_out} more since the last line)" if left_out else ""
             log.warning("%s: %s%s", kind, detail, more)
-            self._log_times[kind] = (now, 0)
-        else:
-            self._log_times[kind] = (last, suppressed + 1)
         self.publisher.send("events", {"event": kind, "detail": detail, "time": time.time()})
 
     # ----- scoring side -----------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 
@@ -23,3 +24,26 @@ def setup_logging(level: str, as_json: bool) -> None:
         handler.setFormatter(JsonFormatter() if as_json else
                              logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.setLevel(level)
+
+
+class Throttle:
+    """Which occurrences of a repeating fault get a log line: the first of each key, then at
+    most one every ``every`` seconds, counting the ones left out (the events and counters
+    keep every occurrence; the journal must not flood). Thread-safe."""
+
+    def __init__(self, every: float) -> None:
+        self.every = float(every)
+        self._seen: dict[str, tuple[float, int]] = {}  # key -> (last logged, left out since)
+        self._lock = threading.Lock()
+
+    def due(self, key: str, force: bool = False) -> int | None:
+        """None when this occurrence is not to be logged; else how many were left out since
+        the last line (``force``: log now, e.g. the fault changed)."""
+        now = time.monotonic()
+        with self._lock:
+            last, left_out = self._seen.get(key, (None, 0))
+            if force or last is None or now - last >= self.every:
+                self._seen[key] = (now, 0)
+                return left_out
+            self._seen[key] = (last, left_out + 1)
+            return None

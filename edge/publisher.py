@@ -33,6 +33,7 @@ from typing import Any
 
 from edge.config import MqttConfig
 from edge.errors import MoleflowError
+from edge.logs import Throttle
 from edge.metrics import Metrics
 from edge.spool import AlarmSpool, SpoolError
 
@@ -69,8 +70,9 @@ class Fault:
     minute while it lasts (a broker that stays away must not flood the journal)."""
 
     def __init__(self, name: str) -> None:
-        self.name, self.reason, self.since, self._logged = name, None, None, 0.0
+        self.name, self.reason, self.since = name, None, None
         self._lock = threading.Lock()
+        self._throttle = Throttle(LOG_EVERY_S)
 
     def set(self, reason: str) -> None:
         now = time.monotonic()
@@ -78,10 +80,7 @@ class Fault:
             changed = reason != self.reason
             self.reason = reason
             self.since = self.since if self.since is not None else now
-            due = changed or now - self._logged >= LOG_EVERY_S
-            if due:
-                self._logged = now
-        if due:
+        if self._throttle.due(self.name, force=changed) is not None:
             log.error("%s: %s", self.name, reason)
 
     def clear(self) -> None:
@@ -187,21 +186,21 @@ class Publisher:
         """Alarms not yet acknowledged: spooled on disk plus held in memory."""
         with self._lock:
             memory = len(self._memory)
+        return (self._spooled() or 0) + memory
+
+    def _spooled(self) -> int | None:
+        """Alarms in the spool file; None (the fault reported) when it cannot be read."""
         try:
-            return len(self.spool) + memory
+            return len(self.spool)
         except SpoolError as exc:
             self._spool_error(exc)
-            return memory
+            return None
 
     def health(self) -> dict:
         with self._lock:
             memory = len(self._memory)
         mqtt = {"connected": self.connected.is_set(), **self.mqtt_fault.state()}
-        try:
-            spooled = len(self.spool)
-        except SpoolError as exc:
-            self._spool_error(exc)
-            spooled = None
+        spooled = self._spooled()
         spool = {"ok": self.spool_fault.reason is None, "spooled_alarms": spooled,
                  "memory_alarms": memory, "dropped_alarms": self.spool.dropped,
                  **self.spool_fault.state()}

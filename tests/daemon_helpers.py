@@ -12,7 +12,8 @@ import pytest
 from edge.config import load_config
 from edge.harness import Mosquitto, free_port, mosquitto_path
 
-__all__ = ["Broker", "Listener", "Running", "check_payload", "daemon_config", "free_port"]
+__all__ = ["Broker", "Listener", "PushCamera", "Running", "check_payload", "daemon_config",
+           "free_port", "raw_frame"]
 
 
 def Broker(folder: Path) -> Mosquitto:
@@ -106,3 +107,31 @@ class Running:
         self.daemon.stop()
         self.thread.join(timeout=30)
         assert not self.thread.is_alive()
+
+
+def raw_frame(camera: str, frame: str, bgr, stamp: str | None = None) -> list[bytes]:
+    """An imagezmq-style raw frame message: JSON header ("camera|frame[|stamp]"), pixels."""
+    msg = f"{camera}|{frame}" + (f"|{stamp}" if stamp is not None else "")
+    header = json.dumps({"msg": msg, "dtype": "uint8", "shape": list(bgr.shape)})
+    return [header.encode(), bgr.tobytes()]
+
+
+class PushCamera:
+    """A camera's PUSH socket on a free loopback port; the daemon binds ``endpoint``."""
+
+    def __init__(self) -> None:
+        import zmq
+        self.port = free_port()
+        self.ctx = zmq.Context()
+        self.socket = self.ctx.socket(zmq.PUSH)
+        self.socket.connect(f"tcp://127.0.0.1:{self.port}")
+
+    @property
+    def endpoint(self) -> str:
+        return f"pull+tcp://127.0.0.1:{self.port}"
+
+    def send(self, camera: str, frame, bgr, stamp: str | None = None) -> None:
+        self.socket.send_multipart(raw_frame(camera, str(frame), bgr, stamp))
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)

@@ -18,7 +18,8 @@ from edge.cli import main
 from engines.pipeline import EngineSet, Pipeline
 from train.data import load_class, load_images
 
-from tests.daemon_helpers import Listener, Running, check_payload, daemon_config, free_port
+from tests.daemon_helpers import (Listener, PushCamera, Running, check_payload, daemon_config,
+                                  free_port)
 
 imagezmq = pytest.importorskip("imagezmq", reason="imagezmq is a test dependency ('.[dev]')")
 zmq = pytest.importorskip("zmq", reason="pyzmq is part of the edge extra")
@@ -93,14 +94,11 @@ def test_pub_sub_sender_with_product_hint(engine_set, broker, tmp_path, syntheti
 
 def test_hostile_frames_are_reported_and_scoring_goes_on(engine_set, broker, tmp_path,
                                                          synthetic_root):
-    port = free_port()
+    camera = PushCamera()
     listener = Listener(broker.port, "moleflow/line1/#")
-    cfg = daemon_config(engine_set, broker, tmp_path, [f"pull+tcp://127.0.0.1:{port}"],
+    cfg = daemon_config(engine_set, broker, tmp_path, [camera.endpoint],
                         **{"ingest.max_message_bytes": 200_000})
     run = Running(cfg)
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{port}")
     try:
         bgr = cv2.imread(str(load_class(synthetic_root, "alpha").test[0].path))
         ok, jpg = cv2.imencode(".jpg", bgr)
@@ -116,10 +114,10 @@ def test_hostile_frames_are_reported_and_scoring_goes_on(engine_set, broker, tmp
             [b"only one part"],
         ]
         for parts in hostile:
-            push.send_multipart(parts)
+            camera.socket.send_multipart(parts)
         good = [json.dumps({"msg": "cam3|good", "dtype": "uint8",
                             "shape": list(bgr.shape)}).encode(), bgr.tobytes()]
-        push.send_multipart(good)
+        camera.socket.send_multipart(good)
         assert listener.wait_for("cam3/result", 1)[0]["frame"] == "good"
         events = listener.wait_for("/events", len(hostile))
         text = " ".join(e["detail"] for e in events)
@@ -130,8 +128,7 @@ def test_hostile_frames_are_reported_and_scoring_goes_on(engine_set, broker, tmp
             assert reason in text
         assert run.daemon.metrics.total("errors") == len(hostile)
     finally:
-        push.close(0)
-        ctx.term()
+        camera.close()
         run.stop()
         listener.close()
 
@@ -158,18 +155,14 @@ def test_retained_status_and_last_will(engine_set, broker, tmp_path):
 
 def test_spool_delivers_every_alarm_after_a_broker_outage(engine_set, broker, tmp_path,
                                                           synthetic_root):
-    port = free_port()
+    camera = PushCamera()
     listener = Listener(broker.port, "moleflow/line1/+/alarm", client_id="scada", clean=False)
     # three workers taking one frame each finish out of order: alarms must still leave in order
-    run = Running(daemon_config(engine_set, broker, tmp_path, [f"pull+tcp://127.0.0.1:{port}"],
+    run = Running(daemon_config(engine_set, broker, tmp_path, [camera.endpoint],
                                 **{"engines.workers": 3, "ingest.max_batch": 1}))
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{port}")
 
     def send(i: int, bgr: np.ndarray) -> None:
-        push.send_multipart([json.dumps({"msg": f"cam4|{i}", "dtype": "uint8",
-                                         "shape": list(bgr.shape)}).encode(), bgr.tobytes()])
+        camera.send("cam4", i, bgr)
 
     try:
         bad = [t.path for t in load_class(synthetic_root, "alpha").test if t.label == 1]
@@ -202,8 +195,7 @@ def test_spool_delivers_every_alarm_after_a_broker_outage(engine_set, broker, tm
             time.sleep(0.05)
         assert len(run.daemon.spool) == 0
     finally:
-        push.close(0)
-        ctx.term()
+        camera.close()
         run.stop()
         listener.close()
 
@@ -221,12 +213,9 @@ def test_reload_adds_an_expert_while_frames_flow(engine_set, broker, tmp_path, s
     from engines.manifest import FileRef
     manifest["router"] = FileRef.of(live, live / "router_one.npz").__dict__
     (live / "manifest.json").write_text(json.dumps(manifest))
-    port = free_port()
+    camera = PushCamera()
     listener = Listener(broker.port, "moleflow/line1/#")
-    run = Running(daemon_config(live, broker, tmp_path, [f"pull+tcp://127.0.0.1:{port}"]))
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{port}")
+    run = Running(daemon_config(live, broker, tmp_path, [camera.endpoint]))
     try:
         assert run.daemon.pipeline.engines.expert_names() == ["alpha"]
         shutil.copy(engine_set / "manifest.json", live / "manifest.json")  # "export" of beta
@@ -236,9 +225,7 @@ def test_reload_adds_an_expert_while_frames_flow(engine_set, broker, tmp_path, s
         def stream() -> None:
             i = 0
             while not stop.is_set():
-                push.send_multipart([json.dumps({"msg": f"cam5|{i}", "dtype": "uint8",
-                                                 "shape": list(bgr.shape)}).encode(),
-                                     bgr.tobytes()])
+                camera.send("cam5", i, bgr)
                 i += 1
                 time.sleep(0.02)
 
@@ -255,8 +242,7 @@ def test_reload_adds_an_expert_while_frames_flow(engine_set, broker, tmp_path, s
         sender.join()
         assert listener.json("cam5/result")[-1]["expert"] == "beta"
     finally:
-        push.close(0)
-        ctx.term()
+        camera.close()
         run.stop()
         listener.close()
 
@@ -287,19 +273,15 @@ def test_notify_watchdog_metrics_and_health(engine_set, broker, tmp_path, monkey
     server.bind(str(notify))
     server.settimeout(5)
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify))
-    port, mport = free_port(), free_port()
-    run = Running(daemon_config(engine_set, broker, tmp_path, [f"pull+tcp://127.0.0.1:{port}"],
+    camera, mport = PushCamera(), free_port()
+    run = Running(daemon_config(engine_set, broker, tmp_path, [camera.endpoint],
                                 **{"metrics.port": mport}))
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{port}")
     try:
         got = set()
         while not {"READY=1", "WATCHDOG=1"} <= got:
             got.add(server.recv(256).decode().split("\n")[0])
         bgr = cv2.imread(str(load_class(synthetic_root, "alpha").test[0].path))
-        push.send_multipart([json.dumps({"msg": "cam6|1", "dtype": "uint8",
-                                         "shape": list(bgr.shape)}).encode(), bgr.tobytes()])
+        camera.send("cam6", 1, bgr)
         deadline = time.time() + 10
         while run.daemon.metrics.total("frames_scored") < 1 and time.time() < deadline:
             time.sleep(0.05)
@@ -317,7 +299,6 @@ def test_notify_watchdog_metrics_and_health(engine_set, broker, tmp_path, monkey
         assert all(health["threads"].values()) and {"ingest", "spool-pump", "mqtt-network",
                                                     "score-0"} <= set(health["threads"])
     finally:
-        push.close(0)
-        ctx.term()
+        camera.close()
         run.stop()
         server.close()

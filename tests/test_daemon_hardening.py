@@ -16,7 +16,6 @@ import urllib.request
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
 from edge.config import load_config
@@ -27,7 +26,8 @@ from edge.queueing import FairQueue
 from edge.spool import AlarmSpool
 from train.data import load_class
 
-from tests.daemon_helpers import Broker, Listener, Running, check_payload, daemon_config, free_port
+from tests.daemon_helpers import (Broker, Listener, PushCamera, Running, check_payload,
+                                  daemon_config, free_port, raw_frame)
 
 zmq = pytest.importorskip("zmq", reason="pyzmq is part of the edge extra")
 import zmq.auth  # noqa: E402 (after the skip)
@@ -47,12 +47,6 @@ def wait_until(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"not within {timeout} s: {what}")
-
-
-def raw_frame(camera: str, frame: str, bgr: np.ndarray, stamp: str = "1.5") -> list[bytes]:
-    header = ('{"msg": "%s|%s|%s", "dtype": "uint8", "shape": %s}'
-              % (camera, frame, stamp, json.dumps(list(bgr.shape))))
-    return [header.encode(), bgr.tobytes()]
 
 
 def healthz(port: int) -> dict:
@@ -450,12 +444,9 @@ def test_a_bad_reload_keeps_the_running_set(broken, engine_set, broker, tmp_path
     import shutil
     live = tmp_path / "engines"
     shutil.copytree(engine_set, live)
-    port = free_port()
+    camera = PushCamera()
     listener = Listener(broker.port, "moleflow/line1/#")
-    run = Running(daemon_config(live, broker, tmp_path, [f"pull+tcp://127.0.0.1:{port}"]))
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{port}")
+    run = Running(daemon_config(live, broker, tmp_path, [camera.endpoint]))
     bgr = cv2.imread(str(load_class(synthetic_root, "beta").test[0].path))
     try:
         manifest = json.loads((live / "manifest.json").read_text())
@@ -468,11 +459,11 @@ def test_a_bad_reload_keeps_the_running_set(broken, engine_set, broker, tmp_path
         event = next(e for e in listener.wait_for("/events", 1) if e["event"] == "reload_failed")
         assert "manifest.json" in event["detail"]
         check_payload("event", event)
-        push.send_multipart(raw_frame("cam7", "after", bgr))
+        camera.send("cam7", "after", bgr)
         assert listener.wait_for("cam7/result", 1)[0]["expert"] == "beta"
         assert run.thread.is_alive() and run.daemon.metrics.value("errors", kind="reload") == 1
     finally:
-        ctx.destroy(linger=0)
+        camera.close()
         run.stop()
         listener.close()
 

@@ -298,3 +298,17 @@ def test_tied_pairs_counts_the_pairs_a_bounded_error_can_swap():
     assert tied_pairs(labels, scores, 0.15) == 0.25      # 2·0.15 reaches them: 1 of 4 pairs
     assert tied_pairs(labels, scores, 2.0) == 0.5        # and 5.0 / 9.0, 1.0 / 5.3 stay apart
     assert tied_pairs(np.zeros(3), scores[:3], 10.0) == 0.0
+
+
+def test_log_throttle_logs_first_then_counts_what_it_left_out(monkeypatch):
+    import edge.logs as logs
+    clock = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    throttle = logs.Throttle(10.0)
+    assert throttle.due("decode") == 0                       # first: logged
+    assert throttle.due("decode") is None                    # within 10 s: left out
+    assert throttle.due("decode") is None
+    assert throttle.due("refused") == 0                      # another kind has its own clock
+    assert throttle.due("decode", force=True) == 2           # a changed fault logs at once
+    clock[0] += 10.0
+    assert throttle.due("decode") == 0                       # 10 s later: logged again
