@@ -58,7 +58,7 @@ def _row(name: str, cond: Condition, frames: list[FrameScore], labels: np.ndarra
         else float("nan"), pixel, float(np.mean([f.expert == name for f in frames])),
         good=int((~defective).sum()), false_alarms=int((flagged & ~defective).sum()),
         defective=int(defective.sum()), flagged=int((flagged & defective).sum()),
-        unknown=int(unknown.sum()), calibrated=calibrated)
+        unknown=int(unknown.sum()), calibrated=calibrated, labels=labels, scores=scores)
 
 
 def leave_one_out(root: Path, data_root: Path, conditions: list[Condition],

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass
@@ -20,6 +22,8 @@ class RobustnessRow:
     flagged: int = 0                    # ... raised as alarms
     unknown: int = 0                    # frames flagged "unknown product"
     calibrated: bool = False
+    labels: np.ndarray | None = field(default=None, repr=False, compare=False)  # 1 defective
+    scores: np.ndarray | None = field(default=None, repr=False, compare=False)  # image scores
 
     def line(self) -> str:
         text = (f"{self.name:<14} {self.condition:<16} image AUROC {self.image_auroc:.4f}  "
@@ -31,11 +35,40 @@ class RobustnessRow:
         return text
 
 
+def paired_delta_interval(labels: np.ndarray, base: np.ndarray, other: np.ndarray,
+                          level: float = 0.95, resamples: int = 2000,
+                          seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of AUROC(``other``) - AUROC(``base``): the same images scored two
+    ways (lossless and under a condition), resampled together, normal and defective images
+    each with replacement (stratified). A class with 23 normal images moves its AUROC by
+    several hundredths when one normal image passes a few defects, so a drop is only a drop
+    where its interval says so."""
+    y = np.asarray(labels).astype(bool)
+    base, other = np.asarray(base, np.float64), np.asarray(other, np.float64)
+    if y.all() or not y.any() or len(base) != len(y) or len(other) != len(y):
+        return math.nan, math.nan
+
+    def wins(s: np.ndarray) -> np.ndarray:  # (defective, normal): 1 if ranked above, 0.5 tied
+        d = s[y][:, None] - s[~y][None, :]
+        return (d > 0) + 0.5 * (d == 0)
+
+    diff = wins(other) - wins(base)
+    rng = np.random.default_rng(seed)
+    n_pos, n_neg = diff.shape
+    w_pos = rng.multinomial(n_pos, np.full(n_pos, 1.0 / n_pos), size=resamples)
+    w_neg = rng.multinomial(n_neg, np.full(n_neg, 1.0 / n_neg), size=resamples)
+    deltas = np.einsum("bi,ij,bj->b", w_pos, diff, w_neg) / (n_pos * n_neg)
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(deltas, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
 def format_table(rows: list[RobustnessRow]) -> str:
-    """Markdown table: a row per class and condition, with each class's change from lossless."""
+    """Markdown table: a row per class and condition, with each class's change from lossless
+    and, where the rows carry their image scores, its 95 % paired bootstrap interval."""
     calibrated = any(r.calibrated for r in rows)
-    head = "| class | condition | image AUROC | Δ lossless | pixel AUROC | routing |"
-    rule = "|---|---|---|---|---|---|"
+    head = "| class | condition | image AUROC | Δ lossless | 95 % interval | pixel AUROC | routing |"
+    rule = "|---|---|---|---|---|---|---|"
     if calibrated:
         head += " false alarms | defects flagged | unknown |"
         rule += "---|---|---|"
@@ -44,18 +77,37 @@ def format_table(rows: list[RobustnessRow]) -> str:
     for r in rows:
         ref = base.get(r.name)
         delta = r.image_auroc - ref.image_auroc if ref else math.nan
-        line = (f"| {r.name} | {r.condition} | {r.image_auroc:.4f} | {delta:+.4f} | "
+        low, high = _interval(ref, r)
+        span = "" if math.isnan(low) or r is ref else f"{low:+.3f} .. {high:+.3f}"
+        line = (f"| {r.name} | {r.condition} | {r.image_auroc:.4f} | {delta:+.4f} | {span} | "
                 f"{r.pixel_auroc:.4f} | {r.routing:.3f} |")
         if calibrated:
             line += (f" {r.false_alarms}/{r.good} | {r.flagged}/{r.defective} | "
                      f"{r.unknown}/{r.good + r.defective} |")
         lines.append(line)
-    worst = {}
+    worst: dict[str, RobustnessRow] = {}
     for r in rows:
-        if r.name in base:
-            worst[r.name] = min(worst.get(r.name, 0.0), r.image_auroc - base[r.name].image_auroc)
-    if worst:
+        ref = base.get(r.name)
+        if ref is not None and r.image_auroc - ref.image_auroc < \
+                worst.get(r.name, ref).image_auroc - ref.image_auroc:
+            worst[r.name] = r
+    if base:
         lines.append("")
         lines.append("largest image-AUROC drop from lossless: " + ", ".join(
-            f"{k} {v:+.4f}" for k, v in worst.items()))
+            _drop(base[k], worst.get(k, base[k])) for k in base))
     return "\n".join(lines)
+
+
+def _drop(ref: RobustnessRow, row: RobustnessRow) -> str:
+    text = f"{row.name} {row.image_auroc - ref.image_auroc:+.4f}"
+    if row is ref:
+        return text
+    low, high = _interval(ref, row)
+    span = "" if math.isnan(low) else f", 95 % interval {low:+.3f} .. {high:+.3f}"
+    return f"{text} ({row.condition}{span})"
+
+
+def _interval(ref: RobustnessRow | None, row: RobustnessRow) -> tuple[float, float]:
+    if ref is None or ref.scores is None or row.scores is None or row.labels is None:
+        return math.nan, math.nan
+    return paired_delta_interval(row.labels, ref.scores, row.scores)

@@ -127,3 +127,34 @@ def test_training_views_are_cached_keyed_and_recorded(calibrated, synthetic_root
     assert not np.array_equal(session.store.features(data, "train", 1, other).numpy(),
                               views[1].numpy())
     assert len(list((run / "cache").glob("alpha-trainv1-*.npy"))) == 1  # stale entry replaced
+
+
+def test_paired_delta_interval_brackets_the_change_and_shrinks_with_data():
+    """The interval of a paired AUROC change: zero width for an unchanged scorer, it holds the
+    observed change, and with 10x the images it is narrower."""
+    from engines.robustness import RobustnessRow, format_table, paired_delta_interval
+    from train.metrics import auroc
+    rng = np.random.default_rng(1)
+
+    def case(n_good, n_bad):
+        labels = np.r_[np.zeros(n_good), np.ones(n_bad)].astype(int)
+        base = rng.normal(size=len(labels)) + 1.5 * labels
+        other = base + rng.normal(scale=0.8, size=len(labels))  # a condition adds noise
+        return labels, base, other
+
+    labels, base, other = case(23, 109)
+    assert paired_delta_interval(labels, base, base) == (0.0, 0.0)
+    low, high = paired_delta_interval(labels, base, other)
+    delta = auroc(labels, other) - auroc(labels, base)
+    assert low <= delta <= high and low < high
+    big = case(230, 1090)
+    low_big, high_big = paired_delta_interval(*big)
+    assert high_big - low_big < (high - low) / 2
+    assert np.isnan(paired_delta_interval(np.zeros(5), base[:5], other[:5])[0])
+    rows = [RobustnessRow("c", "lossless", auroc(labels, base), 0.9, 1.0, labels=labels,
+                          scores=base),
+            RobustnessRow("c", "jpeg:85", auroc(labels, other), 0.9, 1.0, labels=labels,
+                          scores=other)]
+    table = format_table(rows)
+    assert f"{low:+.3f} .. {high:+.3f}" in table
+    assert f"(jpeg:85, 95 % interval {low:+.3f} .. {high:+.3f})" in table or delta > 0

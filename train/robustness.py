@@ -50,7 +50,7 @@ def run_robustness(run_dir: Path, data_root: Path | None, conditions: list[Condi
             m = compute_class_metrics(labels, scores, apply_to_masks(cond, masks), maps,
                                       routed == record.index, max_fpr=cfg.eval.aupro_max_fpr)
             row = RobustnessRow(record.name, cond.name, m.image_auroc, m.pixel_auroc,
-                                m.routing_accuracy)
+                                m.routing_accuracy, labels=labels, scores=scores)
             log.info("%s", row.line())
             rows.append(row)
     return rows
