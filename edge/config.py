@@ -99,7 +99,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = opt(20, "epochs per task", min=1, max=1000)
-    batch_size: int = opt(16, "images per batch", min=1, max=1024)
+    batch_size: int = opt(8, "images per batch of each product after the first (smaller "
+                             "batches: more steps for the expert's few parameters)",
+                          min=1, max=1024)
+    batch_size_first: int = opt(16, "images per batch of the first product, whose training "
+                                     "fits the shared base", min=1, max=1024)
     lr: float = opt(4e-3, "peak learning rate (AdamW) of each product after the first, whose "
                           "expert alone trains", min=0.0, max=1.0)
     lr_first: float = opt(1e-3, "peak learning rate of the first product, whose training fits "

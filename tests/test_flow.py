@@ -256,6 +256,7 @@ def test_runs_from_before_the_split_alpha_keep_one_alpha(tmp_path):
 @pytest.mark.parametrize("first_key, later_key, quiet, loud", [
     ("feature_noise_first", "feature_noise", 0.0, 0.5),
     ("lr_first", "lr", 1e-3, 5e-3),
+    ("batch_size_first", "batch_size", 4, 2),
 ])
 def test_first_task_and_later_tasks_train_with_their_own_settings(first_key, later_key, quiet,
                                                                    loud):
@@ -267,7 +268,8 @@ def test_first_task_and_later_tasks_train_with_their_own_settings(first_key, lat
         def trained(first: float, later: float) -> dict[int, dict[str, torch.Tensor]]:
             torch.manual_seed(0)
             model = MoLEFlow(8, (4, 4), cfg)
-            tcfg = TrainConfig(epochs=2, batch_size=4, **{first_key: first, later_key: later})
+            tcfg = TrainConfig(**{"epochs": 2, "batch_size": 4, "batch_size_first": 4,
+                                  first_key: first, later_key: later})
             states = {}
             for task in (0, 1):
                 model.add_task(task)

@@ -68,13 +68,14 @@ def train_task(model: MoLEFlow, task: int, feats: torch.Tensor, cfg: TrainConfig
     first = model.is_first(task)
     lr = cfg.lr_first if first else cfg.lr
     noise = cfg.feature_noise_first if first else cfg.feature_noise
+    batch_size = cfg.batch_size_first if first else cfg.batch_size
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + task)
     n = len(feats)
     stacked = torch.stack(views) if views is not None and len(views) > 1 else None
     if stacked is not None and stacked.shape[1] != n:
         raise ValueError(f"views have {stacked.shape[1]} images, features {n}")
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    steps_per_epoch = max(1, math.ceil(n / batch_size))
     total = cfg.epochs * steps_per_epoch
     warmup = 0 if first else cfg.warmup_epochs * steps_per_epoch
     model.train()
@@ -83,11 +84,11 @@ def train_task(model: MoLEFlow, task: int, feats: torch.Tensor, cfg: TrainConfig
     for epoch in bar:
         order = torch.randperm(n, generator=gen)
         running, count = 0.0, 0
-        for i in range(0, n, cfg.batch_size):
+        for i in range(0, n, batch_size):
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(step, total, warmup, cfg.min_lr_ratio)
             step += 1
-            idx = order[i:i + cfg.batch_size]
+            idx = order[i:i + batch_size]
             if stacked is None:
                 batch = feats[idx]
             else:
