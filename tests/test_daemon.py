@@ -136,6 +136,11 @@ def test_hostile_frames_are_reported_and_scoring_goes_on(engine_set, broker, tmp
 def test_retained_status_and_last_will(engine_set, broker, tmp_path):
     run = Running(daemon_config(engine_set, broker, tmp_path, [f"pull+tcp://127.0.0.1:{free_port()}"]))
     try:
+        # the status is published just after the connection: subscribe once it is out, so the
+        # late subscriber's copy can only be the broker's retained one
+        first = Listener(broker.port, "moleflow/line1/status")
+        first.wait_for("status", 1)
+        first.close()
         late = Listener(broker.port, "moleflow/line1/status")
         state = late.wait_for("status", 1)[0]
         assert state["state"] == "online"  # retained: a late subscriber still learns it
