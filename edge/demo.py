@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from edge.config import Config
+from edge.drive import jpeg, jpeg_message, raw_message
 from edge.errors import MoleflowError
 from edge.harness import served
 from engines.conditions import ConditionError, parse_condition
@@ -89,10 +90,8 @@ def camera_message(bgr: np.ndarray, msg: str, codec: str = "jpeg:90") -> list[by
     if cond is None or cond.kind not in ("lossless", "jpeg"):
         raise MoleflowError(f"camera codec {codec!r} is not 'raw' or 'jpeg:Q' (Q 1..100)")
     if cond.kind == "lossless":
-        header = {"msg": msg, "dtype": "uint8", "shape": list(bgr.shape)}
-        return [json.dumps(header).encode(), bgr.tobytes()]
-    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(cond.value)])
-    return [json.dumps({"msg": msg}).encode(), buf.tobytes()]
+        return raw_message(bgr, msg)
+    return jpeg_message(jpeg(bgr, int(cond.value)), msg)
 
 
 def replay(engines: Path, data_root: Path, classes: list[str], cfg: Config, out: Path,

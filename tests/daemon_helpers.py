@@ -110,10 +110,9 @@ class Running:
 
 
 def raw_frame(camera: str, frame: str, bgr, stamp: str | None = None) -> list[bytes]:
-    """An imagezmq-style raw frame message: JSON header ("camera|frame[|stamp]"), pixels."""
-    msg = f"{camera}|{frame}" + (f"|{stamp}" if stamp is not None else "")
-    header = json.dumps({"msg": msg, "dtype": "uint8", "shape": list(bgr.shape)})
-    return [header.encode(), bgr.tobytes()]
+    """``send_image``'s message with the msg text "camera|frame[|stamp]"."""
+    from edge.drive import raw_message
+    return raw_message(bgr, f"{camera}|{frame}" + (f"|{stamp}" if stamp is not None else ""))
 
 
 class PushCamera:

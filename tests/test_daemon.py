@@ -115,9 +115,7 @@ def test_hostile_frames_are_reported_and_scoring_goes_on(engine_set, broker, tmp
         ]
         for parts in hostile:
             camera.socket.send_multipart(parts)
-        good = [json.dumps({"msg": "cam3|good", "dtype": "uint8",
-                            "shape": list(bgr.shape)}).encode(), bgr.tobytes()]
-        camera.socket.send_multipart(good)
+        camera.send("cam3", "good", bgr)
         assert listener.wait_for("cam3/result", 1)[0]["frame"] == "good"
         events = listener.wait_for("/events", len(hostile))
         text = " ".join(e["detail"] for e in events)
