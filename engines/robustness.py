@@ -73,41 +73,36 @@ def format_table(rows: list[RobustnessRow]) -> str:
         head += " false alarms | defects flagged | unknown |"
         rule += "---|---|---|"
     base = {r.name: r for r in rows if r.condition == "lossless"}
+    spans = {id(r): _span(base.get(r.name), r) for r in rows}  # one bootstrap per row
     lines = [head, rule]
     for r in rows:
         ref = base.get(r.name)
         delta = r.image_auroc - ref.image_auroc if ref else math.nan
-        low, high = _interval(ref, r)
-        span = "" if math.isnan(low) or r is ref else f"{low:+.3f} .. {high:+.3f}"
-        line = (f"| {r.name} | {r.condition} | {r.image_auroc:.4f} | {delta:+.4f} | {span} | "
-                f"{r.pixel_auroc:.4f} | {r.routing:.3f} |")
+        line = (f"| {r.name} | {r.condition} | {r.image_auroc:.4f} | {delta:+.4f} | "
+                f"{spans[id(r)]} | {r.pixel_auroc:.4f} | {r.routing:.3f} |")
         if calibrated:
             line += (f" {r.false_alarms}/{r.good} | {r.flagged}/{r.defective} | "
                      f"{r.unknown}/{r.good + r.defective} |")
         lines.append(line)
-    worst: dict[str, RobustnessRow] = {}
-    for r in rows:
-        ref = base.get(r.name)
-        if ref is not None and r.image_auroc - ref.image_auroc < \
-                worst.get(r.name, ref).image_auroc - ref.image_auroc:
-            worst[r.name] = r
     if base:
+        drops = []
+        for name, ref in base.items():  # the lowest AUROC; lossless itself on a tie
+            worst = min((r for r in rows if r.name == name),
+                        key=lambda r: (r.image_auroc, r is not ref))
+            text = f"{name} {worst.image_auroc - ref.image_auroc:+.4f}"
+            if worst is not ref:
+                span = spans[id(worst)]
+                text += f" ({worst.condition}" + (f", 95 % interval {span})" if span else ")")
+            drops.append(text)
         lines.append("")
-        lines.append("largest image-AUROC drop from lossless: " + ", ".join(
-            _drop(base[k], worst.get(k, base[k])) for k in base))
+        lines.append("largest image-AUROC drop from lossless: " + ", ".join(drops))
     return "\n".join(lines)
 
 
-def _drop(ref: RobustnessRow, row: RobustnessRow) -> str:
-    text = f"{row.name} {row.image_auroc - ref.image_auroc:+.4f}"
-    if row is ref:
-        return text
-    low, high = _interval(ref, row)
-    span = "" if math.isnan(low) else f", 95 % interval {low:+.3f} .. {high:+.3f}"
-    return f"{text} ({row.condition}{span})"
-
-
-def _interval(ref: RobustnessRow | None, row: RobustnessRow) -> tuple[float, float]:
-    if ref is None or ref.scores is None or row.scores is None or row.labels is None:
-        return math.nan, math.nan
-    return paired_delta_interval(row.labels, ref.scores, row.scores)
+def _span(ref: RobustnessRow | None, row: RobustnessRow) -> str:
+    """The row's 95 % interval of its change from ``ref`` as text ('' without one)."""
+    if ref is None or row is ref or ref.scores is None or row.scores is None \
+            or row.labels is None:
+        return ""
+    low, high = paired_delta_interval(row.labels, ref.scores, row.scores)
+    return "" if math.isnan(low) else f"{low:+.3f} .. {high:+.3f}"
