@@ -63,6 +63,9 @@ class BackboneConfig:
     out_indices: list = opt([2, 3], "feature stages to use (timm feature indices; 2,3 = stride 8, 16)")
     local_avg: int = opt(3, "neighbourhood average kernel applied to each stage (1 = none)",
                          min=1, max=9)
+    standardise_light: bool = opt(True, "each frame shifted to zero mean and scaled to a fixed "
+                                        "contrast before the backbone, so that a camera's gain, "
+                                        "exposure and contrast changes cancel")
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,9 @@ class TrainConfig:
     augment_jpeg_min: int = opt(60, "views are JPEG-encoded (4 in 5) at a quality drawn from this "
                                     "to 100", min=1, max=100)
     augment_photometric: float = opt(0.1, "views' brightness and contrast gains drawn in 1 +- "
-                                          "this", min=0.0, max=0.9)
+                                          "this (with backbone.standardise_light, which cancels "
+                                          "them, a contrast gain in 1 +- this is applied to the "
+                                          "standardised input instead)", min=0.0, max=0.9)
     augment_noise: float = opt(3.0, "views' sensor-noise std drawn up to this (grey levels)",
                                min=0.0, max=50.0)
     augment_blur: float = opt(1.0, "a third of views defocused, Gaussian sigma drawn up to this "

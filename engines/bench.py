@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from engines.bench_ort import time_per_frame
-from engines.imaging import anomaly_maps, map_values, preprocess, routed_image_scores
+from engines.imaging import anomaly_maps, map_values, routed_image_scores
 from train.backbone import FeatureExtractor
 from train.bundle import RunBundle
 from train.data import load_class, load_images
@@ -57,8 +57,7 @@ class EagerPipeline:
     @torch.no_grad()
     def score(self, images: np.ndarray) -> dict[str, float]:
         t0 = time.perf_counter()
-        spec = self.extractor.spec
-        feats = self.extractor(torch.from_numpy(preprocess(images, spec.mean, spec.std)))
+        feats = self.extractor(torch.from_numpy(self.extractor.preprocess(images)))
         pooled = feats.mean(dim=(2, 3)).double().numpy()
         t1 = time.perf_counter()
         dist = np.stack([p.distance(pooled) for p in self.protos], axis=1)

@@ -188,6 +188,15 @@ class Augmentation:
             out = jpeg(out, int(rng.integers(self.jpeg_min, 101)))
         return out
 
+    def input_gains(self, count: int, view: int, seed: int) -> np.ndarray:
+        """Contrast gains (count,) in 1 ± ``photometric`` for view number ``view`` of ``count``
+        images, for a backbone that standardises each frame's light (which cancels the view's
+        own brightness and contrast change): applied to the standardised input, they keep the
+        expert's density smooth across contrast. Image ``i``'s gain depends on seed, view and
+        ``i`` only."""
+        return np.asarray([np.random.default_rng([seed, view, i, 1]).uniform(
+            1 - self.photometric, 1 + self.photometric) for i in range(count)], dtype=np.float32)
+
     def views(self, images: np.ndarray, view: int, seed: int) -> np.ndarray:
         """View number ``view`` (1, 2, ...) of every image: image ``i`` of view ``v`` is the
         same whatever else is drawn (its generator is seeded by seed, v and i)."""

@@ -139,6 +139,7 @@ def export_engine_set(run_dir: Path, out: Path, config: Config | None = None) ->
                   "files": backbone_files},
         input={"size": size, "layout": "NCHW", "colour": "RGB", "dtype": "float32",
                "mean": list(extractor.spec.mean), "std": list(extractor.spec.std),
+               "standardise": bool(cfg.backbone.standardise_light),
                "name": "image", "max_batch": MAX_BATCH},
         features={"dim": bundle.dim, "grid": list(bundle.grid), "name": "features",
                   "pooled": "pooled", "output": "patch_nll"},

@@ -149,7 +149,7 @@ def verified(root: Path, ref: FileRef) -> Path:
 
 # ----- the manifest's structure ------------------------------------------------------------------
 _KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer",
-          (int, float): "a number"}
+          (int, float): "a number", bool: "true or false"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -162,7 +162,7 @@ def _field(obj: dict, key: str, where: str, kind: type | tuple, required: bool =
         if required:
             raise EngineSetError(f"field {name} is missing")
         return None
-    if isinstance(value, bool) or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise EngineSetError(f"field {name} must be {_KINDS[kind]}, got {json.dumps(value)[:60]}")
     return value
 
@@ -242,6 +242,7 @@ def validate_manifest(raw: Any, source: str = MANIFEST) -> None:
         _positive(inp, "size", "input")
         _numbers(inp, "mean", "input", 3)
         _numbers(inp, "std", "input", 3, positive=True)
+        _field(inp, "standardise", "input", bool, required=False)
         features = _field(raw, "features", "", dict)
         _positive(features, "dim", "features")
         _numbers(features, "grid", "features", 2, int, positive=True)

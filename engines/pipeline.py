@@ -247,6 +247,7 @@ class Pipeline:
         self.engines = engines
         m = engines.manifest
         self.mean, self.std = tuple(m.input["mean"]), tuple(m.input["std"])
+        self.standardise = bool(m.input.get("standardise", False))
         self.top_k = int(m.scoring["top_k"])
         self.sigma = float(m.scoring["smoothing_sigma"])
         self.map_rule = scoring_rule(m, "anomaly_map")
@@ -260,7 +261,7 @@ class Pipeline:
         if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
             raise ValueError(f"frames must be uint8 (N, {size}, {size}, 3), got "
                              f"{images.dtype} {images.shape}")
-        out = self.engines.backbone(preprocess(images, self.mean, self.std))
+        out = self.engines.backbone(preprocess(images, self.mean, self.std, self.standardise))
         return out["features"], out["pooled"]
 
     def route(self, pooled: np.ndarray, hints: list[str | None] | None = None

@@ -96,6 +96,11 @@ def test_augmented_views_are_reproducible_per_image_and_view(images):
                        rotate=0.0)
     assert np.array_equal(off.views(images, 3, seed=0), images)
     assert aug.spec != off.spec
+    gains = aug.input_gains(3, 1, seed=0)
+    assert np.array_equal(gains[:2], aug.input_gains(2, 1, seed=0))
+    assert np.all(np.abs(gains - 1) <= aug.photometric) and len(set(gains.tolist())) == 3
+    assert not np.array_equal(gains, aug.input_gains(3, 2, seed=0))
+    assert np.array_equal(off.input_gains(3, 1, seed=0), np.ones(3, np.float32))
 
 
 def test_demo_camera_sends_what_imagezmq_sends_and_the_daemon_decodes_it(images):

@@ -132,6 +132,8 @@ def test_manifest_that_is_a_list_is_refused(copy, tmp_path, capsys):
     (lambda m: m["input"].pop("mean"), "field input.mean is missing"),
     (lambda m: m["input"].update(std=[0.5, 0, 0.5]), "field input.std must be a list of 3 "
                                                       "positive numbers"),
+    (lambda m: m["input"].update(standardise=1), "field input.standardise must be true or "
+                                                  "false"),
     (lambda m: m["features"].update(grid="8x8"), "field features.grid must be a list"),
     (lambda m: m["scoring"].update(top_k=True), "field scoring.top_k must be an integer"),
     (lambda m: m.pop("router"), "field router must be an object"),

@@ -61,6 +61,7 @@ def test_manifest_describes_every_file_with_its_hash(engine_run):
     assert [e.name for e in m.experts] == ["alpha", "beta"]
     assert [e.task for e in m.experts] == [0, 1]
     assert m.input["size"] == 64 and m.input["mean"] == [0.5, 0.5, 0.5]
+    assert m.input["standardise"] is True  # the default, as the features were trained
     assert m.features["dim"] == 152 and m.features["grid"] == [8, 8]
     refs = [*m.backbone["files"].values(), m.router,
             *(ref for e in m.experts for ref in e.files.values()),
@@ -303,6 +304,30 @@ def test_preprocess_is_the_normalisation_formula(mean, std):
     assert preprocess(images[:0], mean, std).shape == (0, 3, 40, 56)
     with pytest.raises(ValueError, match="uint8"):
         preprocess(images.astype(np.float32), mean, std)
+
+
+def test_standardised_input_cancels_gain_exposure_and_contrast():
+    from engines.imaging import LIGHT_STD, preprocess
+    rng = np.random.default_rng(1)
+    images = rng.integers(40, 200, (2, 48, 48, 3), dtype=np.uint8)
+    images[1, :24] //= 3  # a darker half: frames with their own structure
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    base = preprocess(images, mean, std, standardise=True)
+    flat = base.reshape(2, -1).astype(np.float64)
+    np.testing.assert_allclose(flat.mean(axis=1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(flat.std(axis=1), LIGHT_STD, rtol=1e-5)
+    for gain, offset in ((1.1, 0.0), (0.9, 12.0), (1.0, -10.0)):  # all inside 0..255
+        changed = np.rint(images * gain + offset).astype(np.uint8)  # no clipping at these
+        same = preprocess(changed, mean, std, standardise=True)
+        # what remains is the camera's rounding to whole grey levels
+        assert np.abs(same - base).max() < 0.02, (gain, offset)
+        unstandardised = preprocess(changed, mean, std) - preprocess(images, mean, std)
+        assert np.abs(unstandardised).max() > 0.05  # the change the standardisation removes
+    blank = preprocess(np.full((1, 8, 8, 3), 77, np.uint8), mean, std, standardise=True)
+    assert np.abs(blank).max() < 1e-5  # a blank frame stays blank (float rounding aside)
+    noisy = np.full((1, 8, 8, 3), 77, np.uint8)
+    noisy[0, 0, 0, 0] = 78  # one grey level of noise is not amplified to full contrast
+    assert np.abs(preprocess(noisy, mean, std, standardise=True)).max() < 0.5
 
 
 @pytest.mark.parametrize("h,w,size,sigma", [(32, 32, 256, 4.0), (28, 20, 224, 2.5),

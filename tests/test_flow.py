@@ -253,6 +253,20 @@ def test_runs_from_before_the_split_alpha_keep_one_alpha(tmp_path):
     assert model.lora_alpha_first == model.lora_alpha == 3.0
 
 
+@pytest.mark.parametrize("identity, standardised", [("lite0|w|[2, 3]|avg3|64", False),
+                                                    ("lite0|w|[2, 3]|avg3|64|light", True)])
+def test_runs_from_before_light_standardisation_read_it_from_their_identity(
+        tmp_path, identity, standardised):
+    import yaml
+    from edge.config import load_config
+    from train.bundle import RunBundle
+    bundle = RunBundle.create(tmp_path / "run", load_config(None, {}), identity, 8, (4, 4))
+    raw = yaml.safe_load((bundle.path / "config.yaml").read_text())
+    del raw["backbone"]["standardise_light"]  # as written by earlier versions
+    (bundle.path / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert RunBundle.open(bundle.path).config.backbone.standardise_light is standardised
+
+
 @pytest.mark.parametrize("first_key, later_key, quiet, loud", [
     ("feature_noise_first", "feature_noise", 0.0, 0.5),
     ("lr_first", "lr", 1e-3, 5e-3),

@@ -129,6 +129,30 @@ def test_training_views_are_cached_keyed_and_recorded(calibrated, synthetic_root
     assert len(list((run / "cache").glob("alpha-trainv1-*.npy"))) == 1  # stale entry replaced
 
 
+def test_views_keep_their_contrast_change_past_light_standardisation(calibrated,
+                                                                    synthetic_root):
+    """A backbone that standardises light cancels a view's brightness and contrast change: the
+    view's contrast gain is applied to the standardised input instead, so the expert still
+    trains on frames of varying contrast. Without standardisation the view is as drawn."""
+    import dataclasses
+    from train.backbone import FeatureExtractor, extract
+    from train.data import load_class
+    from train.features import FeatureStore
+    _, _, cfg = calibrated
+    data, aug, seed = load_class(synthetic_root, "alpha"), cfg.train.augmentation(), 3
+    for standardise in (True, False):
+        extractor = FeatureExtractor(dataclasses.replace(cfg.backbone,
+                                                         standardise_light=standardise))
+        store = FeatureStore(extractor, 64, None, progress=False)
+        images = aug.views(store.images_of(list(data.train)), 1, seed)
+        gains = aug.input_gains(len(images), 1, seed)
+        got = store.features(data, "train", 1, aug, seed).numpy()
+        with_gains = extract(extractor, images, gains=gains).numpy()
+        as_drawn = extract(extractor, images).numpy()
+        np.testing.assert_allclose(got, with_gains if standardise else as_drawn, atol=1e-5)
+        assert np.abs(with_gains - as_drawn).max() > 1e-3
+
+
 def test_paired_delta_interval_brackets_the_change_and_shrinks_with_data():
     """The interval of a paired AUROC change: zero width for an unchanged scorer, it holds the
     observed change, and with 10x the images it is narrower."""

@@ -151,8 +151,13 @@ class FeatureExtractor(nn.Module):
 
     def identity(self, image_size: int) -> str:
         """Everything the features depend on, for cache keys and run compatibility."""
+        light = "|light" if self.cfg.standardise_light else ""
         return (f"{self.cfg.name}|{self.weights_id}|{list(self.cfg.out_indices)}|"
-                f"avg{self.cfg.local_avg}|{image_size}")
+                f"avg{self.cfg.local_avg}|{image_size}{light}")
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB (B, S, S, 3) -> this backbone's normalised input (B, 3, S, S)."""
+        return preprocess(images, self.spec.mean, self.spec.std, self.cfg.standardise_light)
 
 
 def _file_digest(path: Path) -> str:
@@ -165,12 +170,16 @@ def _file_digest(path: Path) -> str:
 
 @torch.no_grad()
 def extract(extractor: FeatureExtractor, images: np.ndarray, batch_size: int = 32,
-            progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Patch features of uint8 RGB images, batched; returns (N, D, H, W) float32."""
+            progress: Callable[[int], None] | None = None,
+            gains: np.ndarray | None = None) -> torch.Tensor:
+    """Patch features of uint8 RGB images, batched; returns (N, D, H, W) float32.
+    ``gains`` (N,): each image's normalised input is multiplied by its gain first."""
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(preprocess(images[i:i + batch_size], extractor.spec.mean,
-                                        extractor.spec.std))
+        x = torch.from_numpy(extractor.preprocess(images[i:i + batch_size]))
+        if gains is not None:
+            x = x * torch.from_numpy(np.asarray(gains[i:i + batch_size], np.float32)
+                                     ).view(-1, 1, 1, 1)
         out.append(extractor(x))
         if progress:
             progress(len(x))

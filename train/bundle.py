@@ -104,6 +104,10 @@ class RunBundle:
         if isinstance(model, dict) and "lora_alpha_first" not in model:
             # runs from before the first task had its own alpha used one alpha for all tasks
             model["lora_alpha_first"] = model.get("lora_alpha", 1.0)
+        backbone = raw.get("backbone") if isinstance(raw, dict) else None
+        if isinstance(backbone, dict) and "standardise_light" not in backbone:
+            # runs from before the key: their identity says whether frames were standardised
+            backbone["standardise_light"] = str(meta.get("backbone", "")).endswith("|light")
         config = parse_config(raw)
         tasks = [TaskRecord(**t) for t in meta["tasks"]]
         return cls(path, config, meta["backbone"], meta["dim"], tuple(meta["grid"]), tasks)

@@ -50,21 +50,25 @@ class FeatureStore:
         if view and augmentation is None:
             raise ValueError("a view > 0 needs an augmentation")
         path = None
+        gained = bool(view and self.extractor.cfg.standardise_light and augmentation.photometric)
         if self.cache_dir is not None:
             ident = self._key(data, split) if view == 0 else hashlib.sha256(
-                f"{self._key(data, split)}|{augmentation.spec}|seed{seed}|view{view}".encode()
-            ).hexdigest()[:20]
+                f"{self._key(data, split)}|{augmentation.spec}|seed{seed}|view{view}"
+                f"{'|gain' if gained else ''}".encode()).hexdigest()[:20]
             tag = split if view == 0 else f"{split}v{view}"
             path = self.cache_dir / f"{data.name}-{tag}-{ident}.npy"
             if path.is_file():
                 return torch.from_numpy(np.load(path))
         images = self.images_of(self._paths(data, split))
+        gains = None
         if view:
             images = augmentation.views(images, view, seed)
+            if gained:
+                gains = augmentation.input_gains(len(images), view, seed)
         bar = tqdm(total=len(images), desc=f"features {data.name}/{split}"
                    + (f" view {view}" if view else ""), unit="img",
                    disable=not self.progress, leave=False)
-        feats = extract(self.extractor, images, progress=bar.update)
+        feats = extract(self.extractor, images, progress=bar.update, gains=gains)
         bar.close()
         if path is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
