@@ -31,7 +31,8 @@ from train.flow import MoLEFlow
 from tests.conftest import run_without
 
 SMALL = {"train.epochs": 2, "data.image_size": 64, "model.coupling_blocks": 2,
-         "model.lora_rank": 8, "eval.overlays_per_class": 0, "train.val_fraction": 0.34}
+         "model.lora_rank": 8, "eval.overlays_per_class": 0, "train.val_fraction": 0.34,
+         "backbone.standardise_light": True}  # the engines' tests cover the standardised path
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -61,7 +62,7 @@ def test_manifest_describes_every_file_with_its_hash(engine_run):
     assert [e.name for e in m.experts] == ["alpha", "beta"]
     assert [e.task for e in m.experts] == [0, 1]
     assert m.input["size"] == 64 and m.input["mean"] == [0.5, 0.5, 0.5]
-    assert m.input["standardise"] is True  # the default, as the features were trained
+    assert m.input["standardise"] is True  # as the run's features were extracted
     assert m.features["dim"] == 152 and m.features["grid"] == [8, 8]
     refs = [*m.backbone["files"].values(), m.router,
             *(ref for e in m.experts for ref in e.files.values()),
