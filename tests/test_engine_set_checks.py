@@ -219,3 +219,15 @@ def test_tensorrt_back_end_needs_plans_and_tensorrt(copy, tmp_path, capsys):
         assert rc == 2 and "needs NVIDIA TensorRT" in err, err
     with pytest.raises(EngineSetError):
         validate_engine_set(copy, "tensorrt", "fp16")
+
+
+def test_older_manifest_without_the_light_setting_scores_as_before(engine_set, copy):
+    """Engine sets from before ``input.standardise`` were trained on unstandardised frames:
+    without the field they score exactly as the set that records ``false``."""
+    from engines.pipeline import Pipeline
+    assert Manifest.load(engine_set).input["standardise"] is False
+    edit_manifest(copy, lambda m: m["input"].pop("standardise"))
+    frames = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    before, now = (Pipeline(EngineSet.open(root, with_calibration=False)).score(frames)
+                   for root in (copy, engine_set))
+    assert [f.raw_score for f in before] == [f.raw_score for f in now]
