@@ -15,34 +15,48 @@ import cv2
 import numpy as np
 
 
-# Input contrast every frame is scaled to when the backbone standardises light: the std of
-# ImageNet images in the backbone's input units (0.225 of the grey range, over std 0.5).
-LIGHT_STD = 0.45
-# Smallest frame std standardised at full gain (input units): a blank frame is not amplified
-# into noise.
-LIGHT_FLOOR = 0.02
+# Light every frame is brought to when the backbone standardises it, in units of the grey range:
+# mid grey, with the contrast (std) of ImageNet images.
+LIGHT_MEAN = 0.5
+LIGHT_STD = 0.225
+# Smallest frame std standardised at full gain: a blank frame is not amplified into noise.
+LIGHT_FLOOR = 0.01
 
 
 def preprocess(images: np.ndarray, mean: tuple, std: tuple,
                standardise: bool = False) -> np.ndarray:
     """uint8 RGB (B, H, W, 3) -> float32 normalised (B, 3, H, W): ``(x / 255 - mean) / std``.
 
-    ``standardise``: each frame is then shifted to zero mean and scaled to std ``LIGHT_STD``
-    over all its pixels and channels, so that a camera's gain, exposure or contrast change
-    (``a * x + b`` on every pixel) cancels before the backbone sees the frame; colours and the
-    frame's own structure stay as they are.
+    ``standardise``: ``x / 255`` is first replaced by ``LIGHT_MEAN + (x / 255 - m) / s *
+    LIGHT_STD``, with ``m`` and ``s`` the frame's own mean and std over all its pixels and
+    channels, so that a camera's gain, exposure or contrast change (``a * x + b`` on every
+    pixel) cancels before the backbone sees the frame; colours and the frame's own structure
+    stay as they are. Done on the normalised blob: one scale per frame and one offset per frame
+    and channel.
 
     OpenCV's blob packing does the scaling and the NHWC -> NCHW copy in one pass: 0.17 ms a
     256² frame against 1.4 ms for the same arithmetic as numpy expressions (the daemon's
     largest cost outside the graphs)."""
     blob = _blob(images, mean, std)
     if standardise and len(blob):
-        flat = blob.reshape(len(blob), -1)
-        centre = flat.mean(axis=1, keepdims=True)
-        spread = np.maximum(flat.std(axis=1, keepdims=True), LIGHT_FLOOR)
-        flat -= centre
-        flat *= LIGHT_STD / spread
+        m, s = _light(images)
+        m = m[:, None, None, None]
+        gain = LIGHT_STD / np.maximum(s, LIGHT_FLOOR)[:, None, None, None]
+        centre = np.asarray(mean, np.float32)[None, :, None, None]
+        scale = np.asarray(std, np.float32)[None, :, None, None]
+        blob *= gain
+        blob += (LIGHT_MEAN - centre + (centre - m) * gain) / scale
     return blob
+
+
+def _light(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame's mean and std over all its pixels and channels, in units of the grey range,
+    from OpenCV's per-channel statistics (one pass over the uint8 frame)."""
+    stats = np.array([np.concatenate(cv2.meanStdDev(im)) for im in images])[..., 0] / 255.0
+    ch_mean, ch_std = stats[:, :3], stats[:, 3:]
+    m = ch_mean.mean(axis=1)
+    s = np.sqrt(np.maximum((ch_std ** 2 + ch_mean ** 2).mean(axis=1) - m ** 2, 0.0))
+    return m.astype(np.float32), s.astype(np.float32)
 
 
 def _blob(images: np.ndarray, mean: tuple, std: tuple) -> np.ndarray:

@@ -307,16 +307,24 @@ def test_preprocess_is_the_normalisation_formula(mean, std):
         preprocess(images.astype(np.float32), mean, std)
 
 
-def test_standardised_input_cancels_gain_exposure_and_contrast():
-    from engines.imaging import LIGHT_STD, preprocess
+@pytest.mark.parametrize("mean,std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                                      ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_standardised_input_cancels_gain_exposure_and_contrast(mean, std):
+    from engines.imaging import LIGHT_MEAN, LIGHT_STD, preprocess
+
+    def grey(blob):  # the standardised frame in units of the grey range (B, pixels)
+        x = blob * np.asarray(std)[None, :, None, None] + np.asarray(mean)[None, :, None, None]
+        return x.reshape(len(x), -1).astype(np.float64)
+
     rng = np.random.default_rng(1)
     images = rng.integers(40, 200, (2, 48, 48, 3), dtype=np.uint8)
     images[1, :24] //= 3  # a darker half: frames with their own structure
-    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     base = preprocess(images, mean, std, standardise=True)
-    flat = base.reshape(2, -1).astype(np.float64)
-    np.testing.assert_allclose(flat.mean(axis=1), 0.0, atol=1e-5)
-    np.testing.assert_allclose(flat.std(axis=1), LIGHT_STD, rtol=1e-5)
+    np.testing.assert_allclose(grey(base).mean(axis=1), LIGHT_MEAN, atol=1e-5)
+    np.testing.assert_allclose(grey(base).std(axis=1), LIGHT_STD, rtol=1e-5)
+    if mean == (0.5, 0.5, 0.5):  # the default backbone's: zero mean, std LIGHT_STD / 0.5
+        np.testing.assert_allclose(base.reshape(2, -1).mean(axis=1), 0.0, atol=1e-5)
+        np.testing.assert_allclose(base.reshape(2, -1).std(axis=1), LIGHT_STD / 0.5, rtol=1e-5)
     for gain, offset in ((1.1, 0.0), (0.9, 12.0), (1.0, -10.0)):  # all inside 0..255
         changed = np.rint(images * gain + offset).astype(np.uint8)  # no clipping at these
         same = preprocess(changed, mean, std, standardise=True)
@@ -325,10 +333,11 @@ def test_standardised_input_cancels_gain_exposure_and_contrast():
         unstandardised = preprocess(changed, mean, std) - preprocess(images, mean, std)
         assert np.abs(unstandardised).max() > 0.05  # the change the standardisation removes
     blank = preprocess(np.full((1, 8, 8, 3), 77, np.uint8), mean, std, standardise=True)
-    assert np.abs(blank).max() < 1e-5  # a blank frame stays blank (float rounding aside)
+    # a blank frame becomes blank mid grey (float rounding aside)
+    assert np.abs(grey(blank) - LIGHT_MEAN).max() < 1e-5
     noisy = np.full((1, 8, 8, 3), 77, np.uint8)
     noisy[0, 0, 0, 0] = 78  # one grey level of noise is not amplified to full contrast
-    assert np.abs(preprocess(noisy, mean, std, standardise=True)).max() < 0.5
+    assert np.abs(grey(preprocess(noisy, mean, std, standardise=True)) - LIGHT_MEAN).max() < 0.25
 
 
 @pytest.mark.parametrize("h,w,size,sigma", [(32, 32, 256, 4.0), (28, 20, 224, 2.5),
