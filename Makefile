@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test install clean
 
-$(BIN)/moleflow: setup.py
+$(BIN)/moleflow: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[train,edge,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[train,edge,dev]'
 	touch $@
 
 install: $(BIN)/moleflow

@@ -7,7 +7,7 @@ own prototype. An expert whose graph is unchanged keeps its calibration unless `
 
 Where the class folder also has ``test/good`` (normal images neither trained on nor used here),
 the measured false-alarm rate on them is reported next to the target, with the defect images'
-detection rate. Needs no torch (the MVTec reader in ``train.data`` is numpy/OpenCV only).
+detection rate. Needs no torch (the MVTec reader in ``moleflow.data`` is numpy/OpenCV only).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.thresholds import (CALIBRATION, Calibration, CalibrationError, ExpertCalibration,
+from moleflow.thresholds import (CALIBRATION, Calibration, CalibrationError, ExpertCalibration,
                                     binomial_interval, fit_expert, unknown_rule)
-from edge.config import CalibrationConfig
-from engines.conditions import Condition, parse_condition
-from engines.manifest import FileRef, Manifest
-from engines.pipeline import EngineSet, FrameScore, Pipeline, scoring_key
-from train.data import DataError, load_class, load_images
+from moleflow.config import CalibrationConfig
+from moleflow.conditions import Condition, parse_condition
+from moleflow.manifest import FileRef, Manifest
+from moleflow.engines.pipeline import EngineSet, FrameScore, Pipeline, scoring_key
+from moleflow.data import DataError, load_class, load_images
 
 log = logging.getLogger("moleflow.calibrate")
 

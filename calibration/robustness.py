@@ -1,6 +1,6 @@
 """``moleflow robustness --engines``: an engine set scored as the line would see each class.
 
-Every expert's class test images pass through each condition (``engines.conditions``) and the
+Every expert's class test images pass through each condition (``moleflow.conditions``) and the
 torch-free pipeline scores them routed, exactly as the daemon does: image and pixel AUROC,
 routing accuracy, and at the calibrated thresholds the false alarms on normal frames, the
 defects flagged and the frames called "unknown product". ``leave_one_out`` measures the other
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.calibrate import score_frames
-from engines.conditions import Condition, apply_to_masks
-from engines.manifest import Manifest
-from engines.pipeline import EngineSet, FrameScore, Pipeline
-from engines.robustness import RobustnessRow
-from train.data import class_masks, load_class, load_images
-from train.metrics import auroc
+from moleflow.calibration.calibrate import score_frames
+from moleflow.conditions import Condition, apply_to_masks
+from moleflow.manifest import Manifest
+from moleflow.engines.pipeline import EngineSet, FrameScore, Pipeline
+from moleflow.robustness import RobustnessRow
+from moleflow.data import class_masks, load_class, load_images
+from moleflow.measures import auroc
 
 log = logging.getLogger("moleflow.robustness")
 

@@ -31,17 +31,17 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from edge.config import Config, ConfigError
-from edge.frames import Frame, FrameError, decode
-from edge.health import assess
-from edge.ingest import Ingest, Message
-from edge.logs import Throttle
-from edge.metrics import Metrics, serve_metrics
-from edge.publisher import Publisher
-from edge.queueing import FairQueue
-from edge.spool import AlarmSpool
-from engines.pipeline import EngineSet, FrameScore, Pipeline
-from engines.runtime import limit_library_threads, parallelism
+from moleflow.config import Config, ConfigError
+from moleflow.edge.frames import Frame, FrameError, decode
+from moleflow.edge.health import assess
+from moleflow.edge.ingest import Ingest, Message
+from moleflow.edge.logs import Throttle
+from moleflow.edge.metrics import Metrics, serve_metrics
+from moleflow.edge.publisher import Publisher
+from moleflow.edge.queueing import FairQueue
+from moleflow.edge.spool import AlarmSpool
+from moleflow.engines.pipeline import EngineSet, FrameScore, Pipeline
+from moleflow.engines.runtime import limit_library_threads, parallelism
 
 log = logging.getLogger("moleflow.daemon")
 VERSION = "0.1.0"
@@ -230,7 +230,7 @@ class Daemon:
         self._wake.set()
 
     def health(self) -> dict:
-        """``/healthz``: every thread, its loop, the broker and the spool (edge.health)."""
+        """``/healthz``: every thread, its loop, the broker and the spool (moleflow.edge.health)."""
         now = time.monotonic()
         threads = {t.name: t.is_alive() for t in self._threads}
         threads["ingest"] = self.ingest.alive()

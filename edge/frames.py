@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from edge.errors import MoleflowError
+from moleflow.errors import MoleflowError
 
 
 class FrameError(MoleflowError, ValueError):

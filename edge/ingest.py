@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edge.config import ConfigError, IngestConfig
-from edge.frames import MAX_HEADER_BYTES, parse_msg
+from moleflow.config import ConfigError, IngestConfig
+from moleflow.edge.frames import MAX_HEADER_BYTES, parse_msg
 
 log = logging.getLogger("moleflow.ingest")
 PATTERNS = {"rep": ("REP", True), "pull": ("PULL", True), "sub": ("SUB", False)}

@@ -31,11 +31,11 @@ import threading
 import time
 from typing import Any
 
-from edge.config import MqttConfig
-from edge.errors import MoleflowError
-from edge.logs import Throttle
-from edge.metrics import Metrics
-from edge.spool import AlarmSpool, SpoolError
+from moleflow.config import MqttConfig
+from moleflow.errors import MoleflowError
+from moleflow.edge.logs import Throttle
+from moleflow.edge.metrics import Metrics
+from moleflow.edge.spool import AlarmSpool, SpoolError
 
 log = logging.getLogger("moleflow.mqtt")
 MAX_INFLIGHT = 100

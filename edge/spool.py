@@ -13,7 +13,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from edge.errors import MoleflowError
+from moleflow.errors import MoleflowError
 
 
 class SpoolError(MoleflowError, RuntimeError):

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.bench_ort import time_per_frame
-from engines.imaging import anomaly_maps, map_values, routed_image_scores
-from train.backbone import FeatureExtractor
-from train.bundle import RunBundle
-from train.data import load_class, load_images
+from moleflow.engines.bench_ort import time_per_frame
+from moleflow.scoring import anomaly_maps, map_values, routed_image_scores
+from moleflow.train.backbone import FeatureExtractor
+from moleflow.train.bundle import RunBundle
+from moleflow.data import load_class, load_images
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _ort_rows(engines_dir: Path, frames: np.ndarray, threads: int, rounds: int,
         path = Path(tmp) / "frames.npy"
         np.save(path, frames)
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-        res = subprocess.run([sys.executable, "-m", "engines.bench_ort", str(engines_dir),
+        res = subprocess.run([sys.executable, "-m", "moleflow.engines.bench_ort", str(engines_dir),
                               str(path), str(threads), str(rounds), ",".join(names)],
                              capture_output=True, text=True, env=env, timeout=3600)
     if res.returncode != 0:

@@ -4,7 +4,7 @@ Each runtime is timed alone in a process: PyTorch's OpenMP threads and ONNX Runt
 would otherwise compete for the same two cores and distort both figures. This process imports
 no torch, as on the edge device.
 
-    python -m engines.bench_ort ENGINES FRAMES.npy THREADS ROUNDS EXPERT[,EXPERT...]
+    python -m moleflow.engines.bench_ort ENGINES FRAMES.npy THREADS ROUNDS EXPERT[,EXPERT...]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from engines.pipeline import EngineSet, Pipeline
+from moleflow.engines.pipeline import EngineSet, Pipeline
 
 
 def time_per_frame(fn: Callable[[np.ndarray], dict[str, float]], frames: np.ndarray,

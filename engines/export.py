@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge.config import Config
-from engines.fp16 import convert_to_fp16
-from engines.fuse import FusedExpert
-from engines.manifest import MANIFEST, ExpertEntry, FileRef, Manifest
-from train.backbone import FeatureExtractor
-from train.bundle import RunBundle, RunError
+from moleflow.config import Config
+from moleflow.engines.fp16 import convert_to_fp16
+from moleflow.engines.fuse import FusedExpert
+from moleflow.manifest import MANIFEST, ExpertEntry, FileRef, Manifest
+from moleflow.train.backbone import FeatureExtractor
+from moleflow.train.bundle import RunBundle, RunError
 
 log = logging.getLogger("moleflow.export")
 OPSET = 18

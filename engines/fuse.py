@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.flow import MoLEFlow, TaskAdapter
+from moleflow.train.flow import MoLEFlow, TaskAdapter
 
 
 class FoldedAdapter(nn.Module):

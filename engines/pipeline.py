@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.thresholds import Calibration, CalibrationError, ExpertCalibration
-from engines.imaging import (PositionNorm, anomaly_maps, image_scores, mahalanobis, map_values,
+from moleflow.thresholds import Calibration, CalibrationError, ExpertCalibration
+from moleflow.scoring import (PositionNorm, anomaly_maps, image_scores, mahalanobis, map_values,
                              preprocess, routed_image_scores, standardised, typicality)
-from engines.manifest import EngineSetError, ExpertEntry, Manifest, verified
-from engines.runtime import BACKENDS, Graph, file_key
+from moleflow.manifest import EngineSetError, ExpertEntry, Manifest, verified
+from moleflow.engines.runtime import BACKENDS, Graph, file_key
 
 log = logging.getLogger("moleflow.engines")
 
@@ -98,7 +98,7 @@ class EngineSet:
         manifest = Manifest.load(root)
         key = file_key(backend, precision)
         if backend == "tensorrt":
-            from engines.tensorrt_backend import check_compatible
+            from moleflow.engines.tensorrt_backend import check_compatible
             check_compatible(manifest.tensorrt)
         load = BACKENDS[backend]
 

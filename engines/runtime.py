@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from engines.manifest import EngineSetError
+from moleflow.manifest import EngineSetError
 
 log = logging.getLogger("moleflow.runtime")
 
@@ -123,7 +123,7 @@ def default_providers(available: list[str]) -> list[str]:
 
 
 def _tensorrt_graph(path: Path, threads: int = 0, providers: list[str] | None = None) -> Graph:
-    from engines.tensorrt_backend import TrtGraph  # lazy: needs tensorrt and pycuda
+    from moleflow.engines.tensorrt_backend import TrtGraph  # lazy: needs tensorrt and pycuda
     return TrtGraph(path)
 
 

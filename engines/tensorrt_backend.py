@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.manifest import EngineSetError, FileRef, Manifest, verified
+from moleflow.manifest import EngineSetError, FileRef, Manifest, verified
 
 log = logging.getLogger("moleflow.tensorrt")
 INSTALL_HINT = ("the tensorrt back end needs NVIDIA TensorRT >= 10 and pycuda with a CUDA GPU "

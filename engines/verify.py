@@ -27,16 +27,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from engines.fp16 import reference_evaluator
-from engines.imaging import image_scores
-from engines.manifest import verified
-from engines.pipeline import EngineSet, Pipeline, scoring_rule
-from train.bundle import RunBundle
-from train.continual import ensure_norms, open_session
-from train.data import load_class
-from train.evaluate import evaluate_class
-from train.metrics import auroc
-from train.trainer import patch_scores
+from moleflow.engines.fp16 import reference_evaluator
+from moleflow.scoring import image_scores
+from moleflow.manifest import verified
+from moleflow.engines.pipeline import EngineSet, Pipeline, scoring_rule
+from moleflow.train.bundle import RunBundle
+from moleflow.train.continual import ensure_norms, open_session
+from moleflow.data import load_class
+from moleflow.train.evaluate import evaluate_class
+from moleflow.measures import auroc
+from moleflow.train.trainer import patch_scores
 
 log = logging.getLogger("moleflow.verify")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from train.synthetic import make_synthetic_mvtec
+from moleflow.train.synthetic import make_synthetic_mvtec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,8 +69,8 @@ REAL_TRAIN = 66  # train/good images per class; 20 % are held out for calibratio
 @pytest.fixture(scope="session")
 def real_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """bottle then transistor on a subset of the real images, 10 epochs: (run, data, results)."""
-    from edge.config import load_config
-    from train.continual import train_tasks
+    from moleflow.config import load_config
+    from moleflow.train.continual import train_tasks
     root = tmp_path_factory.mktemp("real")
     data = root / "data"
     subset_class(shared_data, data, "bottle", REAL_TRAIN, 12, 6)
@@ -84,9 +84,9 @@ def real_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def real_engine_set(real_run, tmp_path_factory):
     """The real run exported and calibrated: (run, data, engine-set folder)."""
-    from calibration.calibrate import calibrate_engine_set
-    from edge.config import CalibrationConfig
-    from engines.export import export_engine_set
+    from moleflow.calibration.calibrate import calibrate_engine_set
+    from moleflow.config import CalibrationConfig
+    from moleflow.engines.export import export_engine_set
     run, data, _ = real_run
     out = tmp_path_factory.mktemp("real_engines") / "line1"
     export_engine_set(run, out)
@@ -101,10 +101,10 @@ DAEMON_SMALL = {"train.epochs": 2, "data.image_size": 64, "model.coupling_blocks
 #: A small engine set (synthetic alpha and beta, calibrated) for the daemon's tests.
 @pytest.fixture(scope="module")
 def engine_set(synthetic_root, tmp_path_factory):
-    from calibration.calibrate import calibrate_engine_set
-    from edge.config import CalibrationConfig, load_config
-    from engines.export import export_engine_set
-    from train.continual import train_tasks
+    from moleflow.calibration.calibrate import calibrate_engine_set
+    from moleflow.config import CalibrationConfig, load_config
+    from moleflow.engines.export import export_engine_set
+    from moleflow.train.continual import train_tasks
     base = tmp_path_factory.mktemp("daemon")
     train_tasks(base / "run", synthetic_root, ["alpha", "beta"], load_config(None, DAEMON_SMALL),
                 progress=False)

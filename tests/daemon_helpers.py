@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import load_config
-from edge.harness import Mosquitto, free_port, mosquitto_path
+from moleflow.config import load_config
+from moleflow.devtools.harness import Mosquitto, free_port, mosquitto_path
 
 __all__ = ["Broker", "Listener", "PushCamera", "Running", "check_payload", "daemon_config",
            "free_port", "raw_frame"]
@@ -97,7 +97,7 @@ class Running:
     """A daemon on a background thread."""
 
     def __init__(self, cfg) -> None:
-        from edge.daemon import Daemon
+        from moleflow.edge.daemon import Daemon
         self.daemon = Daemon(cfg)
         self.thread = threading.Thread(target=self.daemon.run, daemon=True)
         self.thread.start()
@@ -111,7 +111,7 @@ class Running:
 
 def raw_frame(camera: str, frame: str, bgr, stamp: str | None = None) -> list[bytes]:
     """``send_image``'s message with the msg text "camera|frame[|stamp]"."""
-    from edge.drive import raw_message
+    from moleflow.devtools.drive import raw_message
     return raw_message(bgr, f"{camera}|{frame}" + (f"|{stamp}" if stamp is not None else ""))
 
 

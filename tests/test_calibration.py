@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibration.thresholds import (Calibration, CalibrationError, binomial_interval,
+from moleflow.thresholds import (Calibration, CalibrationError, binomial_interval,
                                     fit_expert, tail_threshold)
 
 
@@ -21,7 +21,7 @@ def test_threshold_reaches_the_false_alarm_target(n_fit):
 
 
 def test_student_t_quantiles():
-    from calibration.thresholds import student_t_quantile
+    from moleflow.thresholds import student_t_quantile
     for p, dof, expected in [(0.99, 20, 2.528), (0.99, 9, 2.821), (0.995, 12, 3.055),
                              (0.95, 4, 2.132), (0.99, 1000, 2.330)]:  # scipy.stats.t.ppf
         assert student_t_quantile(p, dof) == pytest.approx(expected, abs=0.01)
@@ -83,7 +83,7 @@ def test_unknown_limits_follow_their_settings_and_are_recorded():
     # a calibration file from before typicality and codec existed still loads
     old = {k: v for k, v in plain.__dict__.items()
            if k not in ("typical_limit", "codec", "unknown_rule")}
-    from calibration.thresholds import ExpertCalibration
+    from moleflow.thresholds import ExpertCalibration
     legacy = ExpertCalibration(**old)
     assert legacy.typical_limit is None and legacy.codec == "lossless"
 
@@ -94,7 +94,7 @@ def test_unknown_needs_both_the_distance_and_the_typicality():
     typicality limit decide by distance alone."""
     from types import SimpleNamespace
 
-    from engines.pipeline import Pipeline
+    from moleflow.engines.pipeline import Pipeline
     cal = fit_expert(np.arange(10.0), np.arange(10.0), np.arange(10.0), 0.01, 0.005, "s", "r",
                      typical=np.linspace(-0.5, 0.5, 10))
     legacy = fit_expert(np.arange(10.0), np.arange(10.0), np.arange(10.0), 0.01, 0.005, "s", "r")

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.conditions import (DEFAULT_CONDITIONS, Augmentation, ConditionError, apply_to_masks,
+from moleflow.conditions import (DEFAULT_CONDITIONS, Augmentation, ConditionError, apply_to_masks,
                                 jpeg, parse_condition)
 
 
@@ -109,9 +109,9 @@ def test_demo_camera_sends_what_imagezmq_sends_and_the_daemon_decodes_it(images)
     send_image's raw message decodes to the frame itself."""
     import json
 
-    from edge.demo import camera_message
-    from edge.errors import MoleflowError
-    from edge.frames import decode
+    from moleflow.devtools.demo import camera_message
+    from moleflow.errors import MoleflowError
+    from moleflow.edge.frames import decode
     bgr = cv2.cvtColor(images[0], cv2.COLOR_RGB2BGR)
     parts = camera_message(bgr, "cam|7", "jpeg:90")
     assert set(json.loads(parts[0])) == {"msg"} and parts[1][:2] == b"\xff\xd8"

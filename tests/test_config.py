@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge.config import (Config, ConfigError, describe, documented_yaml, load_config,
+from moleflow.config import (Config, ConfigError, describe, documented_yaml, load_config,
                          parse_config)
 
 ROOT = Path(__file__).resolve().parents[1]

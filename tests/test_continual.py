@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.cli import main
-from edge.config import load_config
-from train.bundle import RunBundle
-from train.continual import open_session, train_tasks
-from train.evaluate import score_class
+from moleflow.cli import main
+from moleflow.config import load_config
+from moleflow.train.bundle import RunBundle
+from moleflow.train.continual import open_session, train_tasks
+from moleflow.train.evaluate import score_class
 
 SMALL = {"train.epochs": 2, "data.image_size": 64, "model.coupling_blocks": 2,
          "model.lora_rank": 8, "eval.overlays_per_class": 2}
@@ -31,7 +31,7 @@ def _digests(run: Path) -> dict[str, str]:
 
 def _alpha_scores(run: Path, synthetic_root: Path) -> tuple[np.ndarray, np.ndarray]:
     """Scores of class alpha by its own expert (task 0), from the stored run."""
-    from train.data import load_class
+    from moleflow.data import load_class
     session = open_session(run, load_config(None, SMALL), progress=False, create=False)
     feats = session.store.features(load_class(synthetic_root, "alpha"), "test")
     return score_class(session.model, feats, np.zeros(len(feats), int), session.cfg.eval, 64,
@@ -133,9 +133,9 @@ def test_image_score_and_map_rules_are_switches(two_step_run, synthetic_root):
     """eval.image_score=nll ranks images by raw patch NLL, eval.anomaly_map=nll smooths the
     NLL itself; the defaults standardise the image score and map the per-dimension
     likelihood. Each switch changes its own output only."""
-    from engines.imaging import anomaly_maps, image_scores, map_values
-    from train.data import load_class
-    from train.trainer import patch_scores
+    from moleflow.scoring import anomaly_maps, image_scores, map_values
+    from moleflow.data import load_class
+    from moleflow.train.trainer import patch_scores
     run, *_ = two_step_run
     std_scores, lik_maps = _alpha_scores(run, synthetic_root)
     session = open_session(run, load_config(None, {**SMALL, "eval.image_score": "nll",
@@ -198,7 +198,7 @@ def test_grey_scale_class_trains(tmp_path, synthetic_root):
 
 
 def test_run_bundle_refuses_a_foreign_folder(tmp_path):
-    from train.bundle import RunError
+    from moleflow.train.bundle import RunError
     with pytest.raises(RunError, match="not a run folder"):
         RunBundle.open(tmp_path)
 
@@ -225,7 +225,7 @@ def test_demo_runs_end_to_end_on_a_data_folder(synthetic_root, tmp_path):
 
 
 def test_validation_split_is_seeded_disjoint_and_leaves_training_images():
-    from train.continual import validation_split
+    from moleflow.train.continual import validation_split
     fit, held = validation_split(50, 0.1, seed=3)
     assert len(held) == 5 and len(fit) == 45
     assert not set(fit) & set(held) and set(fit) | set(held) == set(range(50))

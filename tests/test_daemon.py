@@ -14,9 +14,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.cli import main
-from engines.pipeline import EngineSet, Pipeline
-from train.data import load_class, load_images
+from moleflow.cli import main
+from moleflow.engines.pipeline import EngineSet, Pipeline
+from moleflow.data import load_class, load_images
 
 from tests.daemon_helpers import (Listener, PushCamera, Running, check_payload, daemon_config,
                                   free_port)
@@ -213,7 +213,7 @@ def test_reload_adds_an_expert_while_frames_flow(engine_set, broker, tmp_path, s
     per_task = {"names", "means", "precisions", "distance_quantiles"}
     np.savez(live / "router_one.npz", **{k: router[k][:1] if k in per_task else router[k]
                                          for k in router.files})
-    from engines.manifest import FileRef
+    from moleflow.manifest import FileRef
     manifest["router"] = FileRef.of(live, live / "router_one.npz").__dict__
     (live / "manifest.json").write_text(json.dumps(manifest))
     camera = PushCamera()

@@ -18,13 +18,13 @@ from pathlib import Path
 import cv2
 import pytest
 
-from edge.config import load_config
-from edge.daemon import Daemon
-from edge.health import assess
-from edge.publisher import Publisher, strict_json
-from edge.queueing import FairQueue
-from edge.spool import AlarmSpool
-from train.data import load_class
+from moleflow.config import load_config
+from moleflow.edge.daemon import Daemon
+from moleflow.edge.health import assess
+from moleflow.edge.publisher import Publisher, strict_json
+from moleflow.edge.queueing import FairQueue
+from moleflow.edge.spool import AlarmSpool
+from moleflow.data import load_class
 
 from tests.daemon_helpers import (Broker, Listener, PushCamera, Running, check_payload,
                                   daemon_config, free_port, raw_frame)
@@ -396,7 +396,7 @@ def test_tls_client_certificate_connects(engine_set, tls_broker, tmp_path):
 def test_curve_lets_only_known_cameras_in(engine_set, broker, tmp_path, synthetic_root):
     """ingest.curve_secret_key + curve_clients: a camera with an allowed key is scored; one
     with another key is refused at the handshake and reported."""
-    from edge.cli import main
+    from moleflow.cli import main
     keys = tmp_path / "keys"
     assert main(["keys", "--out", str(keys), "--name", "server"]) == 0
     assert main(["keys", "--out", str(keys / "clients"), "--name", "cam1"]) == 0
@@ -470,8 +470,8 @@ def test_a_bad_reload_keeps_the_running_set(broken, engine_set, broker, tmp_path
 
 def test_metrics_port_in_use_and_topic_levels_are_named(engine_set, broker, tmp_path, capsys):
     import socket
-    from edge.cli import main
-    from edge.config import ConfigError
+    from moleflow.cli import main
+    from moleflow.config import ConfigError
     for bad in ("edge/#", "line+1", ""):
         with pytest.raises(ConfigError, match="mqtt.device_id"):
             load_config(None, {"mqtt.device_id": bad})

@@ -8,8 +8,8 @@ import time
 import cv2
 import pytest
 
-from engines.pipeline import EngineSet, Pipeline
-from train.data import load_class, load_images
+from moleflow.engines.pipeline import EngineSet, Pipeline
+from moleflow.data import load_class, load_images
 
 from tests.daemon_helpers import Broker, Listener, free_port
 from tests.test_daemon import Running, daemon_config

@@ -1,4 +1,4 @@
-"""Behaviour of train.data (finding/reading MVTec-layout data) and train.synthetic."""
+"""Behaviour of moleflow.data (finding/reading MVTec-layout data) and moleflow.train.synthetic."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from train.data import (
+from moleflow.data import (
     IMAGE_EXTENSIONS,
     ClassData,
     DataError,
@@ -20,7 +20,7 @@ from train.data import (
     read_image,
     read_mask,
 )
-from train.synthetic import DEFECTS, class_colours, make_synthetic_mvtec
+from moleflow.train.synthetic import DEFECTS, class_colours, make_synthetic_mvtec
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.cli import main
-from engines.export import npz_bytes
-from engines.manifest import EngineSetError, Manifest, sha256_of
-from engines.pipeline import EngineSet, validate_engine_set
+from moleflow.cli import main
+from moleflow.engines.export import npz_bytes
+from moleflow.manifest import EngineSetError, Manifest, sha256_of
+from moleflow.engines.pipeline import EngineSet, validate_engine_set
 
 # engine_set: the small calibrated set of tests/conftest.py (synthetic alpha and beta)
 
@@ -224,7 +224,7 @@ def test_tensorrt_back_end_needs_plans_and_tensorrt(copy, tmp_path, capsys):
 def test_older_manifest_without_the_light_setting_scores_as_before(engine_set, copy):
     """Engine sets from before ``input.standardise`` were trained on unstandardised frames:
     without the field they score exactly as the set that records ``false``."""
-    from engines.pipeline import Pipeline
+    from moleflow.engines.pipeline import Pipeline
     assert Manifest.load(engine_set).input["standardise"] is False
     edit_manifest(copy, lambda m: m["input"].pop("standardise"))
     frames = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)

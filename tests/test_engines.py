@@ -15,18 +15,18 @@ import onnx
 import pytest
 import torch
 
-from edge.cli import main
-from edge.config import load_config
-from engines.export import export_engine_set
-from engines.fp16 import convert_to_fp16, fp32_nodes, reference_evaluator
-from engines.fuse import FusedExpert
-from engines.manifest import EngineSetError, Manifest, sha256_of
-from engines.pipeline import EngineSet, Pipeline
-from engines.runtime import OrtGraph
-from train.bundle import RunBundle
-from train.continual import train_tasks
-from train.data import load_class, load_images
-from train.flow import MoLEFlow
+from moleflow.cli import main
+from moleflow.config import load_config
+from moleflow.engines.export import export_engine_set
+from moleflow.engines.fp16 import convert_to_fp16, fp32_nodes, reference_evaluator
+from moleflow.engines.fuse import FusedExpert
+from moleflow.manifest import EngineSetError, Manifest, sha256_of
+from moleflow.engines.pipeline import EngineSet, Pipeline
+from moleflow.engines.runtime import OrtGraph
+from moleflow.train.bundle import RunBundle
+from moleflow.train.continual import train_tasks
+from moleflow.data import load_class, load_images
+from moleflow.train.flow import MoLEFlow
 
 from tests.conftest import run_without
 
@@ -147,9 +147,9 @@ def test_pipeline_routes_and_scores_like_the_run(engine_run, synthetic_root):
 def test_pipeline_image_scores_are_the_runs_standardised_scores(engine_run, synthetic_root):
     """The engine set scores an image as the run does: top-k of its expert's patch NLLs
     standardised by that expert's position statistics (not the raw NLLs); maps too."""
-    from engines.imaging import image_scores
-    from train.continual import open_session
-    from train.evaluate import score_class
+    from moleflow.scoring import image_scores
+    from moleflow.train.continual import open_session
+    from moleflow.train.evaluate import score_class
     run, out, _ = engine_run
     pipe = Pipeline(EngineSet.open(out), with_maps=True)
     session = open_session(run, load_config(None, SMALL), progress=False, create=False)
@@ -174,7 +174,7 @@ def test_image_score_rule_of_the_manifest(engine_run, synthetic_root, tmp_path):
     """Engine sets from before the rules existed score and map raw NLL; a standardised set
     whose expert lacks its statistics is refused by name."""
     import json
-    from engines.imaging import anomaly_maps, image_scores
+    from moleflow.scoring import anomaly_maps, image_scores
     _, out, _ = engine_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
@@ -234,7 +234,7 @@ def test_engine_set_loads_and_scores_without_torch(engine_run, synthetic_root):
         ("torch", "timm", "FrEIA", "train", "onnx"),
         "import sys\n"
         "import cv2, numpy as np\n"
-        "from engines.pipeline import EngineSet, Pipeline\n"
+        "from moleflow.engines.pipeline import EngineSet, Pipeline\n"
         f"es = EngineSet.open({str(out)!r})\n"
         f"img = cv2.cvtColor(cv2.resize(cv2.imread({str(image)!r}), (64, 64)), cv2.COLOR_BGR2RGB)\n"
         "f = Pipeline(es).score(img[None])[0]\n"
@@ -266,7 +266,7 @@ def test_fp16_graph_keeps_reductions_and_layernorm_in_fp32(engine_run):
 def test_fp16_islands_prevent_overflow_on_extreme_patches(tmp_path):
     """Without LayerNorm nothing bounds z: on far-out features 0.5·Σz² passes 65,504. The
     graph with FP32 reductions stays finite and close to FP32; naive FP16 overflows."""
-    from engines.export import onnx_bytes
+    from moleflow.engines.export import onnx_bytes
     cfg = load_config(None, {"model.adapter_layernorm": False, "model.coupling_blocks": 2,
                              "model.lora_rank": 4}).resolved_model()
     torch.manual_seed(0)
@@ -296,7 +296,7 @@ def test_fp16_islands_prevent_overflow_on_extreme_patches(tmp_path):
 @pytest.mark.parametrize("mean,std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
                                       ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
 def test_preprocess_is_the_normalisation_formula(mean, std):
-    from engines.imaging import preprocess
+    from moleflow.scoring import preprocess
     images = np.random.default_rng(0).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
     expected = ((images.astype(np.float64) / 255.0 - np.asarray(mean)) / np.asarray(std))
     got = preprocess(images, mean, std)
@@ -310,7 +310,7 @@ def test_preprocess_is_the_normalisation_formula(mean, std):
 @pytest.mark.parametrize("mean,std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
                                       ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
 def test_standardised_input_cancels_gain_exposure_and_contrast(mean, std):
-    from engines.imaging import LIGHT_MEAN, LIGHT_STD, preprocess
+    from moleflow.scoring import LIGHT_MEAN, LIGHT_STD, preprocess
 
     def grey(blob):  # the standardised frame in units of the grey range (B, pixels)
         x = blob * np.asarray(std)[None, :, None, None] + np.asarray(mean)[None, :, None, None]
@@ -343,7 +343,7 @@ def test_standardised_input_cancels_gain_exposure_and_contrast(mean, std):
 @pytest.mark.parametrize("h,w,size,sigma", [(32, 32, 256, 4.0), (28, 20, 224, 2.5),
                                             (16, 16, 64, 0.0)])
 def test_anomaly_maps_equal_opencv_resize_and_blur(h, w, size, sigma):
-    from engines.imaging import anomaly_maps, reference_maps
+    from moleflow.scoring import anomaly_maps, reference_maps
     grids = (np.random.default_rng(1).normal(size=(3, h, w)) * 30 + 100).astype(np.float32)
     got, ref = anomaly_maps(grids, size, sigma), reference_maps(grids, size, sigma)
     assert got.shape == ref.shape == (3, size, size) and got.dtype == np.float32
@@ -355,7 +355,7 @@ def test_anomaly_maps_equal_opencv_resize_and_blur(h, w, size, sigma):
 
 
 def test_position_norm_standardises_per_position_with_a_floored_std():
-    from engines.imaging import PositionNorm, image_scores
+    from moleflow.scoring import PositionNorm, image_scores
     # position (0, 0) varies a lot over the normal grids, (0, 1) a little, (1, *) not at all
     train = np.array([[[0.0, 10.0], [5.0, 5.0]], [[20.0, 12.0], [5.0, 5.0]],
                       [[40.0, 14.0], [5.0, 5.0]]], dtype=np.float32)
@@ -384,7 +384,7 @@ def test_position_norm_standardises_per_position_with_a_floored_std():
 
 
 def test_likelihood_map_values_are_one_minus_the_per_dimension_likelihood():
-    from engines.imaging import map_values
+    from moleflow.scoring import map_values
     nll = np.array([[[-10.0, 0.0], [100.0, 1e6]]], dtype=np.float32)
     lik = map_values(nll, "likelihood", 100)
     np.testing.assert_allclose(lik[0], [[1 - np.exp(0.1), 0.0], [1 - np.exp(-1.0), 1.0]],
@@ -398,7 +398,7 @@ def test_likelihood_map_values_are_one_minus_the_per_dimension_likelihood():
 
 
 def test_parallelism_one_single_threaded_worker_per_core(monkeypatch):
-    from engines import runtime
+    from moleflow.engines import runtime
     monkeypatch.setattr(runtime, "cpu_cores", lambda: 4)
     assert runtime.parallelism("onnxruntime") == (4, 1)
     assert runtime.parallelism("onnxruntime", workers=1) == (1, 4)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
-from calibration.calibrate import calibrate_engine_set
-from edge.config import CalibrationConfig
-from engines.pipeline import EngineSet, Pipeline
-from engines.verify import verify_engine_set
-from train.data import load_class, load_images
+from moleflow.calibration.calibrate import calibrate_engine_set
+from moleflow.config import CalibrationConfig
+from moleflow.engines.pipeline import EngineSet, Pipeline
+from moleflow.engines.verify import verify_engine_set
+from moleflow.data import load_class, load_images
 
 
 def test_exported_pipeline_matches_pytorch_and_fp16_is_safe(real_engine_set):
@@ -66,8 +66,8 @@ def test_unknown_is_a_product_without_expert_not_a_defect(real_engine_set):
     """Leave-one-out on real images: a class whose expert is left out of the set is flagged
     unknown (>= 95 % of its frames), while the known classes' frames, good and defective, are
     not (<= 1 %); both as lossless frames and as JPEG q90 frames from a camera."""
-    from calibration.robustness import engine_robustness, leave_one_out
-    from engines.conditions import parse_condition
+    from moleflow.calibration.robustness import engine_robustness, leave_one_out
+    from moleflow.conditions import parse_condition
     _, data, out = real_engine_set
     conds = [parse_condition("lossless"), parse_condition("jpeg:90")]
     for left, cond, unknown, frames in leave_one_out(out, data, conds):

@@ -9,11 +9,11 @@ import pytest
 import torch
 from FrEIA.modules import AllInOneBlock
 
-from edge.config import ModelConfig, TrainConfig
-from train.flow import (AffineCoupling, ContextSubnet, FlowState, MoLEFlow, PermutedBlock,
+from moleflow.config import ModelConfig, TrainConfig
+from moleflow.train.flow import (AffineCoupling, ContextSubnet, FlowState, MoLEFlow, PermutedBlock,
                         positional_encoding_2d, whitening_statistics)
-from train.lora import LoRALinear
-from train.trainer import flow_loss, freeze_for_task, train_task
+from moleflow.train.lora import LoRALinear
+from moleflow.train.trainer import flow_loss, freeze_for_task, train_task
 
 @pytest.fixture(autouse=True, scope="module")
 def _float64():
@@ -242,8 +242,8 @@ def test_first_task_lora_has_its_own_scale():
 
 def test_runs_from_before_the_split_alpha_keep_one_alpha(tmp_path):
     import yaml
-    from edge.config import load_config
-    from train.bundle import RunBundle
+    from moleflow.config import load_config
+    from moleflow.train.bundle import RunBundle
     cfg = load_config(None, {"model.lora_alpha": 3.0})
     bundle = RunBundle.create(tmp_path / "run", cfg, "ident", 8, (4, 4))
     raw = yaml.safe_load((bundle.path / "config.yaml").read_text())
@@ -258,8 +258,8 @@ def test_runs_from_before_the_split_alpha_keep_one_alpha(tmp_path):
 def test_runs_from_before_light_standardisation_read_it_from_their_identity(
         tmp_path, identity, standardised):
     import yaml
-    from edge.config import load_config
-    from train.bundle import RunBundle
+    from moleflow.config import load_config
+    from moleflow.train.bundle import RunBundle
     bundle = RunBundle.create(tmp_path / "run", load_config(None, {}), identity, 8, (4, 4))
     raw = yaml.safe_load((bundle.path / "config.yaml").read_text())
     del raw["backbone"]["standardise_light"]  # as written by earlier versions

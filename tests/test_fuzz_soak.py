@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from calibration.calibrate import calibrate_engine_set
-from edge.cli import main
-from edge.config import CalibrationConfig, load_config
-from edge.drive import synthetic_frames
-from edge.fuzz import CAMERAS, run_fuzz
-from edge.fuzz_cases import EITHER, HOSTILE, KINDS, VALID, Forge, plan
-from edge.harness import mosquitto_path
-from edge.soak import Row, compare, parse_rows
-from engines.export import export_engine_set
-from train.continual import train_tasks
+from moleflow.calibration.calibrate import calibrate_engine_set
+from moleflow.cli import main
+from moleflow.config import CalibrationConfig, load_config
+from moleflow.devtools.drive import synthetic_frames
+from moleflow.devtools.fuzz import CAMERAS, run_fuzz
+from moleflow.devtools.fuzz_cases import EITHER, HOSTILE, KINDS, VALID, Forge, plan
+from moleflow.devtools.harness import mosquitto_path
+from moleflow.devtools.soak import Row, compare, parse_rows
+from moleflow.engines.export import export_engine_set
+from moleflow.train.continual import train_tasks
 
 zmq = pytest.importorskip("zmq", reason="pyzmq is part of the edge extra")
 

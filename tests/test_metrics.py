@@ -1,4 +1,4 @@
-"""Tests for train.metrics against hand-computed cases and reference implementations."""
+"""Tests for moleflow.measures against hand-computed cases and reference implementations."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from bisect import bisect
 import numpy as np
 import pytest
 
-from train.metrics import (
+from moleflow.measures import (
     ClassMetrics,
     aupro,
     auroc,
@@ -291,7 +291,7 @@ def test_empty_input_rejected() -> None:
 
 
 def test_tied_pairs_counts_the_pairs_a_bounded_error_can_swap():
-    from engines.verify import tied_pairs
+    from moleflow.engines.verify import tied_pairs
     labels = np.array([0, 0, 1, 1])
     scores = np.array([1.0, 5.0, 5.3, 9.0])
     assert tied_pairs(labels, scores, 0.1) == 0.0        # 5.0 / 5.3 are 0.3 apart
@@ -301,7 +301,7 @@ def test_tied_pairs_counts_the_pairs_a_bounded_error_can_swap():
 
 
 def test_log_throttle_logs_first_then_counts_what_it_left_out(monkeypatch):
-    import edge.logs as logs
+    import moleflow.edge.logs as logs
     clock = [100.0]
     monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
     throttle = logs.Throttle(10.0)

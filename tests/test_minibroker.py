@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from edge.minibroker import MiniBroker, topic_matches
+from moleflow.devtools.minibroker import MiniBroker, topic_matches
 
 from tests.daemon_helpers import Listener, free_port
 

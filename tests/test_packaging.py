@@ -13,10 +13,10 @@ EDGE_FORBIDDEN = ("torch", "timm", "FrEIA", "train")
 
 def test_edge_imports_and_validates_config_without_torch():
     out = run_without(EDGE_FORBIDDEN + ("onnx",),
-                      "import edge, edge.config, edge.cli, edge.errors\n"
-                      "import edge.daemon, edge.ingest, edge.publisher, edge.frames, edge.spool\n"
-                      "import edge.metrics, edge.logs, calibration.thresholds, engines.pipeline\n"
-                      "from edge.cli import main\n"
+                      "import edge, moleflow.config, moleflow.cli, moleflow.errors\n"
+                      "import moleflow.edge.daemon, moleflow.edge.ingest, moleflow.edge.publisher, moleflow.edge.frames, moleflow.edge.spool\n"
+                      "import moleflow.edge.metrics, moleflow.edge.logs, moleflow.thresholds, moleflow.engines.pipeline\n"
+                      "from moleflow.cli import main\n"
                       "raise SystemExit(main(['config', '--config', 'config.yaml']))\n")
     assert out.returncode == 0, out.stderr
     assert "lora_rank: 64" in out.stdout
@@ -40,4 +40,4 @@ def test_console_script_is_declared():
     names = {ep.name: ep.value for ep in eps}
     if "moleflow" not in names:
         pytest.skip("moleflow-edge is not installed (pip install -e '.[train,dev]')")
-    assert names["moleflow"] == "edge.cli:main"
+    assert names["moleflow"] == "moleflow.cli:main"

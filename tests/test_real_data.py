@@ -6,7 +6,7 @@ continual pipeline detects real defects, not the full-size benchmark figures (se
 
 from __future__ import annotations
 
-from train.bundle import RunBundle
+from moleflow.train.bundle import RunBundle
 
 
 def test_routed_continual_run_on_real_images(real_run):

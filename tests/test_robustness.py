@@ -9,14 +9,14 @@ import json
 import numpy as np
 import pytest
 
-from calibration.calibrate import calibrate_engine_set
-from calibration.robustness import engine_robustness, leave_one_out
-from edge.cli import main
-from edge.config import load_config
-from engines.conditions import parse_condition
-from engines.export import export_engine_set
-from train.continual import train_tasks
-from train.robustness import run_robustness
+from moleflow.calibration.calibrate import calibrate_engine_set
+from moleflow.calibration.robustness import engine_robustness, leave_one_out
+from moleflow.cli import main
+from moleflow.config import load_config
+from moleflow.conditions import parse_condition
+from moleflow.engines.export import export_engine_set
+from moleflow.train.continual import train_tasks
+from moleflow.train.robustness import run_robustness
 
 SMALL = {"train.epochs": 2, "data.image_size": 64, "model.coupling_blocks": 2,
          "model.lora_rank": 8, "eval.overlays_per_class": 0, "train.val_fraction": 0.34,
@@ -100,7 +100,7 @@ def test_leave_one_out_scores_each_class_without_its_expert(calibrated, syntheti
     rows = leave_one_out(out, synthetic_root, conds)
     assert [(r[0], r[1]) for r in rows] == [(n, c.name) for n in ("alpha", "beta")
                                               for c in conds]
-    from train.data import load_class
+    from moleflow.data import load_class
     for left, _, unknown, frames in rows:
         assert frames == len(load_class(synthetic_root, left).test) and 0 <= unknown <= frames
 
@@ -112,8 +112,8 @@ def test_training_views_are_cached_keyed_and_recorded(calibrated, synthetic_root
     assert meta["tasks"][0]["augmentation"]["jpeg_min"] == cfg.train.augment_jpeg_min
     names = sorted(p.name.split("-")[1] for p in (run / "cache").glob("alpha-*.npy"))
     assert names == ["test", "train", "trainv1", "trainv2"]
-    from train.continual import open_session
-    from train.data import load_class
+    from moleflow.train.continual import open_session
+    from moleflow.data import load_class
     session = open_session(run, cfg, progress=False, create=False)
     data = load_class(synthetic_root, "alpha")
     aug = cfg.train.augmentation()
@@ -135,9 +135,9 @@ def test_views_keep_their_contrast_change_past_light_standardisation(calibrated,
     view's contrast gain is applied to the standardised input instead, so the expert still
     trains on frames of varying contrast. Without standardisation the view is as drawn."""
     import dataclasses
-    from train.backbone import FeatureExtractor, extract
-    from train.data import load_class
-    from train.features import FeatureStore
+    from moleflow.train.backbone import FeatureExtractor, extract
+    from moleflow.data import load_class
+    from moleflow.train.features import FeatureStore
     _, _, cfg = calibrated
     data, aug, seed = load_class(synthetic_root, "alpha"), cfg.train.augmentation(), 3
     for standardise in (True, False):
@@ -156,8 +156,8 @@ def test_views_keep_their_contrast_change_past_light_standardisation(calibrated,
 def test_paired_delta_interval_brackets_the_change_and_shrinks_with_data():
     """The interval of a paired AUROC change: zero width for an unchanged scorer, it holds the
     observed change, and with 10x the images it is narrower."""
-    from engines.robustness import RobustnessRow, format_table, paired_delta_interval
-    from train.metrics import auroc
+    from moleflow.robustness import RobustnessRow, format_table, paired_delta_interval
+    from moleflow.measures import auroc
     rng = np.random.default_rng(1)
 
     def case(n_good, n_bad):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.router import PrototypeRouter, fit_prototype, ledoit_wolf
+from moleflow.train.router import PrototypeRouter, fit_prototype, ledoit_wolf
 
 
 def test_ledoit_wolf_matches_sklearn():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.daemon import sd_notify
+from moleflow.edge.daemon import sd_notify
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "moleflow.service"
 

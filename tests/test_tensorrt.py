@@ -9,8 +9,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from engines.manifest import EngineSetError
-from engines.pipeline import EngineSet
+from moleflow.manifest import EngineSetError
+from moleflow.engines.pipeline import EngineSet
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 HAVE_PYCUDA = importlib.util.find_spec("pycuda") is not None
@@ -28,17 +28,17 @@ def _gpu_or_skip() -> None:
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here; this checks the error without it")
 def test_tensorrt_back_end_without_tensorrt_names_the_install(tmp_path):
-    from engines.tensorrt_backend import build_engine_set
+    from moleflow.engines.tensorrt_backend import build_engine_set
     with pytest.raises(EngineSetError, match=r"pip install '.\[trt\]'"):
         build_engine_set(tmp_path)
 
 
 def test_tensorrt_plans_match_onnx_runtime(synthetic_root, tmp_path):
     _gpu_or_skip()
-    from edge.config import load_config
-    from engines.export import export_engine_set
-    from engines.tensorrt_backend import build_engine_set
-    from train.continual import train_tasks
+    from moleflow.config import load_config
+    from moleflow.engines.export import export_engine_set
+    from moleflow.engines.tensorrt_backend import build_engine_set
+    from moleflow.train.continual import train_tasks
     cfg = load_config(None, {"train.epochs": 2, "data.image_size": 64,
                              "model.coupling_blocks": 2, "model.lora_rank": 8,
                              "eval.overlays_per_class": 0})

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge.config import BackboneConfig
-from edge.errors import MoleflowError
-from engines.imaging import preprocess
+from moleflow.config import BackboneConfig
+from moleflow.errors import MoleflowError
+from moleflow.scoring import preprocess
 
 
 class BackboneError(MoleflowError, RuntimeError):

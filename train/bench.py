@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from edge.config import Config
-from train.backbone import FeatureExtractor
-from train.data import list_classes, load_class
-from train.features import FeatureStore
-from train.flow import MoLEFlow
-from train.trainer import train_task
+from moleflow.config import Config
+from moleflow.train.backbone import FeatureExtractor
+from moleflow.data import list_classes, load_class
+from moleflow.train.features import FeatureStore
+from moleflow.train.flow import MoLEFlow
+from moleflow.train.trainer import train_task
 
 
 def matmul_gflops(threads: int, size: int = 1024, seconds: float = 0.5) -> float:

@@ -28,11 +28,11 @@ import yaml
 from safetensors.numpy import load_file as load_np, save_file as save_np
 from safetensors.torch import load_file, save_file
 
-from edge.config import Config, parse_config
-from edge.errors import MoleflowError
-from engines.imaging import PositionNorm
-from train.flow import MoLEFlow
-from train.router import PrototypeRouter, TaskPrototype
+from moleflow.config import Config, parse_config
+from moleflow.errors import MoleflowError
+from moleflow.scoring import PositionNorm
+from moleflow.train.flow import MoLEFlow
+from moleflow.train.router import PrototypeRouter, TaskPrototype
 
 RUN_FORMAT = 1
 _TASK_KEY = re.compile(r"(?:^(?:adapters|dia)\.(\d+)\.|\.(?:lora_A|lora_B|task_bias)\.(\d+)$)")

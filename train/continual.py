@@ -14,18 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge.config import Config
-from engines.conditions import Augmentation
-from engines.imaging import PositionNorm
-from train.backbone import FeatureExtractor
-from train.bundle import RunBundle, RunError, TaskRecord
-from train.data import ClassData, DataError, load_class
-from train.evaluate import ClassResult, evaluate_class, fit_norm, write_overlays
-from train.features import FeatureStore, pooled
-from train.flow import MoLEFlow
-from train.metrics import forgetting, mean_metrics
-from train.router import PrototypeRouter, fit_prototype
-from train.trainer import TrainReport, train_task
+from moleflow.config import Config
+from moleflow.conditions import Augmentation
+from moleflow.scoring import PositionNorm
+from moleflow.train.backbone import FeatureExtractor
+from moleflow.train.bundle import RunBundle, RunError, TaskRecord
+from moleflow.data import ClassData, DataError, load_class
+from moleflow.train.evaluate import ClassResult, evaluate_class, fit_norm, write_overlays
+from moleflow.train.features import FeatureStore, pooled
+from moleflow.train.flow import MoLEFlow
+from moleflow.measures import forgetting, mean_metrics
+from moleflow.train.router import PrototypeRouter, fit_prototype
+from moleflow.train.trainer import TrainReport, train_task
 
 log = logging.getLogger("moleflow")
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy")

@@ -9,14 +9,14 @@ import cv2
 import numpy as np
 import torch
 
-from edge.config import EvalConfig
-from engines.imaging import PositionNorm, anomaly_maps, map_values, routed_image_scores
-from train.data import ClassData
-from train.features import FeatureStore, pooled
-from train.flow import MoLEFlow
-from train.metrics import ClassMetrics, compute_class_metrics
-from train.router import PrototypeRouter
-from train.trainer import patch_scores
+from moleflow.config import EvalConfig
+from moleflow.scoring import PositionNorm, anomaly_maps, map_values, routed_image_scores
+from moleflow.data import ClassData
+from moleflow.train.features import FeatureStore, pooled
+from moleflow.train.flow import MoLEFlow
+from moleflow.measures import ClassMetrics, compute_class_metrics
+from moleflow.train.router import PrototypeRouter
+from moleflow.train.trainer import patch_scores
 
 
 @dataclass

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engines.conditions import Augmentation
-from train.backbone import FeatureExtractor, extract
-from train.data import ClassData, class_masks, load_images
+from moleflow.conditions import Augmentation
+from moleflow.train.backbone import FeatureExtractor, extract
+from moleflow.data import ClassData, class_masks, load_images
 
 log = logging.getLogger("moleflow.features")
 

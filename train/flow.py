@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from FrEIA.modules import AllInOneBlock
 from torch import nn
 
-from edge.config import ModelConfig
-from train.lora import LoRALinear, inverse_sigmoid
+from moleflow.config import ModelConfig
+from moleflow.train.lora import LoRALinear, inverse_sigmoid
 
 GAMMA_IDENTITY = inverse_sigmoid(1.0 / 3.0)  # 0.5 + 1.5 * sigmoid(x) == 1
 

@@ -1,6 +1,6 @@
 """``moleflow robustness --run``: a run's experts scored under named camera conditions.
 
-Every learned class's test images pass through each condition (``engines.conditions``), are
+Every learned class's test images pass through each condition (``moleflow.conditions``), are
 routed and scored by the PyTorch model exactly as ``moleflow eval`` scores them, and the
 image and pixel AUROC and the routing accuracy are reported per class and condition. Ground
 truth moves with the image under shift and rotation. ``lossless`` uses the cached test
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.config import Config
-from engines.conditions import Condition, apply_to_masks
-from engines.robustness import RobustnessRow
-from train.backbone import extract
-from train.continual import _class_data, ensure_norms, open_session
-from train.evaluate import route_tasks, score_class
-from train.metrics import compute_class_metrics
+from moleflow.config import Config
+from moleflow.conditions import Condition, apply_to_masks
+from moleflow.robustness import RobustnessRow
+from moleflow.train.backbone import extract
+from moleflow.train.continual import _class_data, ensure_norms, open_session
+from moleflow.train.evaluate import route_tasks, score_class
+from moleflow.measures import compute_class_metrics
 
 log = logging.getLogger("moleflow.robustness")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engines.imaging import mahalanobis
+from moleflow.scoring import mahalanobis
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 1.0)
 

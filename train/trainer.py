@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from edge.config import ModelConfig, TrainConfig
-from train.flow import MoLEFlow, nll_from_latent
+from moleflow.config import ModelConfig, TrainConfig
+from moleflow.train.flow import MoLEFlow, nll_from_latent
 
 log = logging.getLogger("moleflow.train")
 

@@ -1,7 +1,7 @@
 """``moleflow soak``: the daemon under a steady stream of JPEG frames, its resources watched.
 
 A leak shows as a slope, not as a level. The daemon is served as systemd would
-(``edge.harness.served``: Mosquitto, ``moleflow serve`` as a child process), cameras send JPEG
+(``moleflow.devtools.harness.served``: Mosquitto, ``moleflow serve`` as a child process), cameras send JPEG
 frames (OpenCV quality 90, as imagezmq's ``send_jpg``) at a steady rate, and every interval
 the daemon's resident memory, open file descriptors and threads are read from /proc beside the
 frames sent and the results and alarms received. The first minutes are a warm-up (the
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edge.config import Config
-from edge.drive import (Collector, jpeg, jpeg_message, load_frames, metric_total, msg_text,
+from moleflow.config import Config
+from moleflow.devtools.drive import (Collector, jpeg, jpeg_message, load_frames, metric_total, msg_text,
                         proc_stats, scrape_metrics)
-from edge.errors import MoleflowError
-from edge.harness import free_port, served
+from moleflow.errors import MoleflowError
+from moleflow.devtools.harness import free_port, served
 
 HEADER = (f"{'minute':>7} {'rss_mib':>9} {'fds':>5} {'threads':>7} {'sent':>8} {'results':>8} "
           f"{'alarms':>7}")

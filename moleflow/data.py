@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.errors import MoleflowError
+from moleflow.errors import MoleflowError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

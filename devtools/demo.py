@@ -21,12 +21,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.config import Config
-from edge.drive import jpeg, jpeg_message, raw_message
-from edge.errors import MoleflowError
-from edge.harness import served
-from engines.conditions import ConditionError, parse_condition
-from engines.runtime import parallelism
+from moleflow.config import Config
+from moleflow.devtools.drive import jpeg, jpeg_message, raw_message
+from moleflow.errors import MoleflowError
+from moleflow.devtools.harness import served
+from moleflow.conditions import ConditionError, parse_condition
+from moleflow.engines.runtime import parallelism
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge.errors import MoleflowError
+from moleflow.errors import MoleflowError
 
 #: The benchmark's default conditions; the jitter strengths are the documented ones.
 DEFAULT_CONDITIONS = ("lossless", "jpeg:95", "jpeg:85", "jpeg:75", "brightness:+10",

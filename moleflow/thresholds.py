@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.errors import MoleflowError
+from moleflow.errors import MoleflowError
 
 CALIBRATION = "calibration.json"
 FORMAT = 1

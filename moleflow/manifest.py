@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edge.errors import MoleflowError
+from moleflow.errors import MoleflowError
 
 MANIFEST = "manifest.json"
 FORMAT = 1

@@ -1,6 +1,6 @@
 """Driving a served daemon from outside, for ``moleflow fuzz`` and ``moleflow soak``.
 
-What both tools need beside ``edge.harness.served``: frames to send (the engine set's
+What both tools need beside ``moleflow.devtools.harness.served``: frames to send (the engine set's
 products' test images when a data folder is given, else generated ones, so the tools work on
 any engine set), imagezmq messages of them, the daemon's resources as /proc shows them (what
 an operator's ``top`` and ``ls /proc/PID/fd`` see), an MQTT collector that holds every
@@ -49,10 +49,10 @@ def load_frames(engines: Path, data: Path | None, count: int = 32, seed: int = 0
                 ) -> list[np.ndarray]:
     """BGR frames at the engine set's input size: its products' test images under ``data``
     (as ``moleflow bench-daemon`` takes them), else generated ones."""
-    from engines.manifest import Manifest
+    from moleflow.manifest import Manifest
     size = int(Manifest.load(engines).input["size"])
     if data is not None:
-        from edge.bench import load_frames as test_images
+        from moleflow.devtools.bench import load_frames as test_images
         rgb = test_images(engines, data, per_class=max(1, count // 2))
         return [np.ascontiguousarray(f[..., ::-1]) for f in rgb]
     return synthetic_frames(count, size, seed)

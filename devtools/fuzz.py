@@ -1,11 +1,11 @@
 """``moleflow fuzz``: hostile camera messages mixed with valid frames, against the real daemon.
 
-Serves the engine set as systemd would (``edge.harness.served``: Mosquitto, ``moleflow serve``
+Serves the engine set as systemd would (``moleflow.devtools.harness.served``: Mosquitto, ``moleflow serve``
 as a child process, real ZeroMQ sockets) and checks what a line needs from a daemon facing a
 broken or malicious sender: it stays up, every valid frame still gets its result, and every
 message it cannot score is reported once and never published as a result.
 
-Two phases. *Isolation*: each kind of ``edge.fuzz_cases`` alone, then a valid canary frame, so
+Two phases. *Isolation*: each kind of ``moleflow.devtools.fuzz_cases`` alone, then a valid canary frame, so
 an effect is named by its cause (a kind that stops the ingest thread would take every later
 frame of a mixed run with it); the daemon is restarted after a kind that broke it. *Mixed*:
 N hostile messages shuffled among valid frames from two cameras, sent with a bounded number
@@ -24,12 +24,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge.config import Config
-from edge.drive import (FAULT_EVENTS, INFO_EVENTS, Collector, ProcStats, last_exception,
+from moleflow.config import Config
+from moleflow.devtools.drive import (FAULT_EVENTS, INFO_EVENTS, Collector, ProcStats, last_exception,
                         load_frames, metric_total, proc_stats, scrape_metrics)
-from edge.errors import MoleflowError
-from edge.fuzz_cases import EITHER, HOSTILE, KINDS, VALID, Case, Forge, Kind, make, plan
-from edge.harness import free_port, served
+from moleflow.errors import MoleflowError
+from moleflow.devtools.fuzz_cases import EITHER, HOSTILE, KINDS, VALID, Case, Forge, Kind, make, plan
+from moleflow.devtools.harness import free_port, served
 
 DEVICE = "fuzz"
 CAMERAS = ["camA", "camB"]

@@ -1,7 +1,7 @@
 """``moleflow bench-daemon``: the running daemon driven by a sender process, timed end to end.
 
 Serves the engine set with Mosquitto and ``moleflow serve`` as a child process, as systemd
-would (``edge.harness``); a sender process pushes real frames over ZeroMQ (raw BGR at the
+would (``moleflow.devtools.harness``); a sender process pushes real frames over ZeroMQ (raw BGR at the
 engine's input size, each stamped with its send time) at full rate or a set rate, while this
 process listens on MQTT. Latency is frame sent -> result received here. The bare pipeline
 (the same engine set, scoring workers and batches as the daemon's, no sockets, no MQTT) is
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.config import Config
-from edge.errors import MoleflowError
-from edge.harness import served
+from moleflow.config import Config
+from moleflow.errors import MoleflowError
+from moleflow.devtools.harness import served
 
 
 @dataclass
@@ -136,7 +136,7 @@ def _sender(address: str, frames_path: str, seconds: float, rate: float, window:
 def load_frames(engines_dir: Path, data_root: Path, per_class: int = 16) -> np.ndarray:
     """RGB test images of the engine set's products at its input size, interleaved."""
     import cv2
-    from engines.manifest import Manifest
+    from moleflow.manifest import Manifest
     manifest = Manifest.load(engines_dir)
     size = int(manifest.input["size"])
     groups = []
@@ -157,8 +157,8 @@ def bench_daemon(engines_dir: Path, frames: np.ndarray, cfg: Config, seconds: fl
     """``rounds`` times: the bare pipeline alone for a third of ``seconds``, then the daemon
     driven by a fresh sender process for ``seconds`` (this VM's speed drifts by tens of per
     cent within minutes, so each daemon window is compared with the bare one next to it)."""
-    from engines.pipeline import EngineSet, Pipeline
-    from engines.runtime import limit_library_threads, parallelism
+    from moleflow.engines.pipeline import EngineSet, Pipeline
+    from moleflow.engines.runtime import limit_library_threads, parallelism
     workers, threads = parallelism(cfg.engines.backend, cfg.engines.workers, cfg.engines.threads)
     limit_library_threads(threads)
     pipe = Pipeline(EngineSet.open(engines_dir, backend=cfg.engines.backend,  # as the daemon

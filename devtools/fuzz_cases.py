@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from edge.drive import jpeg, jpeg_message, msg_text, raw_message
+from moleflow.devtools.drive import jpeg, jpeg_message, msg_text, raw_message
 
 HOSTILE, EITHER, VALID = "hostile", "either", "valid"
 

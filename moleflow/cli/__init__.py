@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import yaml
 
-from edge.config import PRESETS, ConfigError, describe, documented_yaml, load_config
-from edge.errors import MoleflowError
+from moleflow.config import PRESETS, ConfigError, describe, documented_yaml, load_config
+from moleflow.errors import MoleflowError
 
 log = logging.getLogger("moleflow")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec256"
@@ -66,10 +66,10 @@ def _log_to(run_dir: Path) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from train.continual import step_matrix, train_tasks
+    from moleflow.train.continual import step_matrix, train_tasks
     _log_to(args.run)
     results = train_tasks(args.run, _data_root(args, cfg), args.tasks, cfg, not args.quiet)
-    from train.bundle import RunBundle
+    from moleflow.train.bundle import RunBundle
     bundle = RunBundle.open(args.run)
     print(step_matrix(bundle, "image_auroc"))
     print(step_matrix(bundle, "pixel_auroc"))
@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from train.continual import eval_run
+    from moleflow.train.continual import eval_run
     _log_to(args.run)
     eval_run(args.run, Path(cfg.data.root) if cfg.data.root else None, cfg, not args.quiet)
     print(f"results: {args.run / 'final_results.csv'}")
@@ -94,25 +94,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if data is None and SHARED_DATA.is_dir():
         data = SHARED_DATA
     if data is None:
-        from train.synthetic import make_synthetic_mvtec
+        from moleflow.train.synthetic import make_synthetic_mvtec
         data = make_synthetic_mvtec(args.run.parent / "synthetic-data", size=128, n_train=80)
         log.info("no data folder given and ../shared/data absent: generated images in %s", data)
         args.image_size = args.image_size or 128
-    from train.data import list_classes
+    from moleflow.data import list_classes
     args.data, args.tasks = data, args.tasks or list_classes(data)
     if args.run.exists():
         import shutil
         shutil.rmtree(args.run)
     cmd_train(args)
-    from calibration.calibrate import calibrate_engine_set, summary
-    from engines.export import export_engine_set
+    from moleflow.calibration.calibrate import calibrate_engine_set, summary
+    from moleflow.engines.export import export_engine_set
     engines = args.run / "engines"
     export_engine_set(args.run, engines)
     cfg = _config(args)
     print(summary(calibrate_engine_set(engines, data, cfg.calibration, threads=cfg.train.threads)))
     print(f"engine set: {engines / 'manifest.json'} (serve it with ONNX Runtime, or build "
           f"TensorRT plans with 'moleflow build --engines {engines}')")
-    from edge.demo import replay
+    from moleflow.devtools.demo import replay
     line = args.run / "line"
     result = replay(engines, data, args.tasks, cfg, line, codec=args.camera_codec)
     print(result.text())
@@ -123,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from train.bench import bench_training
+    from moleflow.train.bench import bench_training
     bench_training(_data_root(args, cfg), args.task, cfg, args.repeat)
     return 0
 
@@ -132,24 +132,24 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     """Every class scored under named camera conditions: from a run's PyTorch model, or (with
     --engines) from an engine set with its calibrated decisions and "unknown" flags."""
     cfg = _config(args)
-    from engines.conditions import DEFAULT_CONDITIONS, parse_condition
-    from engines.robustness import format_table
+    from moleflow.conditions import DEFAULT_CONDITIONS, parse_condition
+    from moleflow.robustness import format_table
     conditions = [parse_condition(c) for c in (args.conditions or DEFAULT_CONDITIONS)]
     data = Path(cfg.data.root) if cfg.data.root else None
     if args.engines is not None:
-        from calibration.robustness import engine_robustness
+        from moleflow.calibration.robustness import engine_robustness
         if data is None:
             raise ConfigError("data.root: the engine-set benchmark needs --data")
         rows = engine_robustness(args.engines, data, conditions, threads=cfg.train.threads,
                                  progress=not args.quiet)
         if args.leave_one_out:
-            from calibration.robustness import leave_one_out
+            from moleflow.calibration.robustness import leave_one_out
             for left, cond, unknown, frames in leave_one_out(args.engines, data, conditions,
                                                              threads=cfg.train.threads):
                 print(f"without the {left} expert, {cond}: {unknown}/{frames} of its frames "
                       f"unknown ({unknown / frames:.1%})")
     elif args.run is not None:
-        from train.robustness import run_robustness
+        from moleflow.train.robustness import run_robustness
         rows = run_robustness(args.run, data, conditions, cfg, not args.quiet)
     else:
         raise ConfigError("robustness needs --run RUN or --engines ENGINE_SET")
@@ -158,7 +158,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from engines.export import export_engine_set
+    from moleflow.engines.export import export_engine_set
     manifest = export_engine_set(args.run, args.out)
     print(f"engine set: {args.out / 'manifest.json'} ({len(manifest.experts)} experts: "
           f"{', '.join(e.name for e in manifest.experts)})")
@@ -167,7 +167,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from calibration.calibrate import calibrate_engine_set, summary
+    from moleflow.calibration.calibrate import calibrate_engine_set, summary
     reports = calibrate_engine_set(args.engines, _data_root(args, cfg), cfg.calibration,
                                    force=args.force, threads=cfg.train.threads)
     print(summary(reports))
@@ -176,7 +176,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from engines.tensorrt_backend import build_engine_set
+    from moleflow.engines.tensorrt_backend import build_engine_set
     manifest = build_engine_set(args.engines, args.precision, args.max_batch,
                                 workspace_mb=args.workspace_mb)
     print(f"TensorRT {manifest.tensorrt['version']} {args.precision} plans for "
@@ -186,7 +186,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from engines.verify import verify_engine_set
+    from moleflow.engines.verify import verify_engine_set
     checks = verify_engine_set(args.run, args.engines, Path(cfg.data.root) if cfg.data.root
                                else None, cfg.train.threads)
     for c in checks:
@@ -199,7 +199,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_bench_engines(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from engines.bench import bench_engines, format_rows
+    from moleflow.engines.bench import bench_engines, format_rows
     rows = bench_engines(args.run, args.engines, Path(cfg.data.root) if cfg.data.root else None,
                          cfg.train.threads, rounds=args.repeat)
     print(format_rows(rows))
@@ -209,7 +209,7 @@ def cmd_bench_engines(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the edge daemon (what systemd starts), or only check its configuration."""
     cfg = _config(args)
-    from edge.ingest import parse_endpoint
+    from moleflow.edge.ingest import parse_endpoint
     for text in cfg.ingest.endpoints:
         parse_endpoint(text)
     if not cfg.engines.path:
@@ -217,11 +217,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     root = Path(cfg.engines.path)
     if args.validate_config:
         return _validate_engines(cfg, root)
-    from engines.manifest import Manifest
+    from moleflow.manifest import Manifest
     Manifest.load(root).verify_files(root)
     import signal
-    from edge.daemon import Daemon
-    from edge.logs import setup_logging
+    from moleflow.edge.daemon import Daemon
+    from moleflow.edge.logs import setup_logging
     setup_logging(cfg.logging.level, cfg.logging.json)
     daemon = Daemon(cfg)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
@@ -236,8 +236,8 @@ def _validate_engines(cfg, root: Path) -> int:
     the daemon would (``validate_engine_set``); experts that will raise no alarm are a
     warning, not a failure (a line may run an expert uncalibrated on purpose while collecting
     its held-out images)."""
-    from engines.pipeline import validate_engine_set
-    from engines.runtime import parallelism
+    from moleflow.engines.pipeline import validate_engine_set
+    from moleflow.engines.runtime import parallelism
     _, threads = parallelism(cfg.engines.backend, cfg.engines.workers, cfg.engines.threads)
     engines = validate_engine_set(root, cfg.engines.backend, cfg.engines.precision, threads)
     if engines.uncalibrated:
@@ -252,7 +252,7 @@ def _validate_engines(cfg, root: Path) -> int:
 
 def cmd_bench_daemon(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from edge.bench import bench_daemon, load_frames
+    from moleflow.devtools.bench import bench_daemon, load_frames
     frames = load_frames(args.engines, _data_root(args, cfg))
     print(bench_daemon(args.engines, frames, cfg, seconds=args.seconds, rate=args.rate,
                        rounds=args.rounds).lines())
@@ -262,7 +262,7 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
 def cmd_fuzz(args: argparse.Namespace) -> int:
     """Hostile messages mixed with valid frames against the served daemon; non-zero when it
     crashed, lost a valid frame, or left a hostile message unreported."""
-    from edge.fuzz import run_fuzz
+    from moleflow.devtools.fuzz import run_fuzz
     report = run_fuzz(args.engines, _config(args), args.messages,
                       0 if args.seed is None else args.seed, args.valid, args.pattern, args.out,
                       args.data, args.patience)
@@ -273,7 +273,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 def cmd_soak(args: argparse.Namespace) -> int:
     """The served daemon under a steady JPEG stream, its memory and fds sampled; non-zero when
     they drift past the tolerance after the warm-up."""
-    from edge.soak import run_soak
+    from moleflow.devtools.soak import run_soak
     report = run_soak(args.engines, _config(args), args.minutes, args.fps, args.cameras,
                       args.interval, args.tolerance, args.warmup, args.data,
                       emit=lambda line: print(line, flush=True))

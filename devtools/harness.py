@@ -22,8 +22,8 @@ from typing import Callable, Iterator
 
 import yaml
 
-from edge.config import Config
-from edge.errors import MoleflowError
+from moleflow.config import Config
+from moleflow.errors import MoleflowError
 
 
 def free_port() -> int:
@@ -80,7 +80,7 @@ def start_broker(folder: Path, embedded_ok: bool):
     ``.port`` and ``.stop()``."""
     if mosquitto_path() is not None or not embedded_ok:
         return Mosquitto(folder).start()
-    from edge.minibroker import MiniBroker
+    from moleflow.devtools.minibroker import MiniBroker
     broker = MiniBroker("127.0.0.1", free_port())
     broker.start()
     return broker
@@ -129,7 +129,7 @@ def served(engines: Path, cfg: Config, folder: Path, pattern: str, device_id: st
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     log_path = folder / "daemon.log"
     log_file = open(log_path, "wb")
-    daemon = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "--config",
+    daemon = subprocess.Popen([sys.executable, "-m", "moleflow.cli", "serve", "--config",
                                str(folder / "config.yaml")], env=env, stdout=log_file,
                               stderr=subprocess.STDOUT)
     online = threading.Event()
