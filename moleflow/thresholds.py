@@ -5,7 +5,7 @@ for a target false-alarm rate ``far`` is the larger of the empirical ``1 - far``
 normal fit's prediction bound: with a few dozen images the empirical quantile alone sits on the
 largest sample and the fit extrapolates the tail, and taking the larger errs towards fewer
 false alarms. Raw scores map to [0, 1] by a logistic centred on the threshold (0.5 there), with
-the held-out scores' spread as its scale. numpy and the standard library only.
+the held-out scores' spread as its scale. numpy and the standard library (scipy if installed).
 """
 
 from __future__ import annotations
@@ -30,12 +30,71 @@ class CalibrationError(MoleflowError, RuntimeError):
 
 
 def student_t_quantile(p: float, dof: int) -> float:
-    """Quantile of Student's t (Cornish–Fisher series in 1/dof; ~1e-3 accurate from dof 4)."""
+    """Quantile of Student's t: ``scipy.stats.t.ppf`` where scipy is installed (the workstation),
+    else ``_t_quantile`` (the edge device has no scipy; the two agree to 3e-8)."""
+    try:
+        from scipy.stats import t as student_t
+    except ImportError:
+        return _t_quantile(p, dof)
+    return float(student_t.ppf(p, dof))
+
+
+def _t_quantile(p: float, dof: int) -> float:
+    """Student's t quantile without scipy, for 0 < p < 1 and an integer ``dof`` >= 1: closed
+    forms for dof 1 and 2, the exact finite series of the distribution function inverted by
+    safeguarded Newton steps up to dof 100, the Cornish-Fisher series in 1/dof beyond (error
+    below 1e-8 there; it is 30 % off at dof 2, which is why it is not used below)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"student_t_quantile: p must lie strictly between 0 and 1, got {p!r}")
+    if dof < 1 or int(dof) != dof:
+        raise ValueError(f"student_t_quantile: dof must be a whole number >= 1, got {dof!r}")
+    dof = int(dof)
+    if p < 0.5:
+        return -_t_quantile(1.0 - p, dof)
+    if p == 0.5:
+        return 0.0
+    if dof == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if dof == 2:
+        return (2 * p - 1) * math.sqrt(2.0 / (4 * p * (1 - p)))
     z = NormalDist().inv_cdf(p)
-    v = float(dof)
-    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
-            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
+    if dof > 100:
+        v = float(dof)
+        return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+                + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+                + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z)
+                / (92160 * v**4))
+    log_density = (math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)
+                   - 0.5 * math.log(dof * math.pi))
+    target, lo, hi = p - 0.5, 0.0, max(1.0, z)
+    while _t_central(hi, dof) < target:
+        lo, hi = hi, 2.0 * hi
+    t = 0.5 * (lo + hi)
+    for _ in range(200):
+        g = _t_central(t, dof) - target
+        lo, hi = (t, hi) if g < 0 else (lo, t)
+        new = t - g / math.exp(log_density - (dof + 1) / 2 * math.log1p(t * t / dof))
+        if not lo < new < hi:  # a Newton step out of the bracket: bisect instead
+            new = 0.5 * (lo + hi)
+        if abs(new - t) <= 1e-13 * max(1.0, t):
+            return new
+        t = new
+    return t
+
+
+def _t_central(t: float, dof: int) -> float:
+    """P(0 < T < t) for t >= 0 and an integer dof (Abramowitz & Stegun 26.7.3 and 26.7.4)."""
+    theta = math.atan(t / math.sqrt(dof))
+    c2, total, term = math.cos(theta) ** 2, 1.0, 1.0
+    if dof % 2:  # odd: (2/pi)(theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...))
+        for k in range(1, (dof - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        return (theta + math.sin(theta) * math.cos(theta) * total) / math.pi
+    for k in range(1, dof // 2):  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+        term *= c2 * (2 * k - 1) / (2 * k)
+        total += term
+    return 0.5 * math.sin(theta) * total
 
 
 def tail_threshold(values: np.ndarray, rate: float) -> float:

@@ -23,8 +23,71 @@ def test_threshold_reaches_the_false_alarm_target(n_fit):
 def test_student_t_quantiles():
     from moleflow.thresholds import student_t_quantile
     for p, dof, expected in [(0.99, 20, 2.528), (0.99, 9, 2.821), (0.995, 12, 3.055),
-                             (0.95, 4, 2.132), (0.99, 1000, 2.330)]:  # scipy.stats.t.ppf
-        assert student_t_quantile(p, dof) == pytest.approx(expected, abs=0.01)
+                             (0.95, 4, 2.132), (0.99, 1000, 2.330),  # printed t tables
+                             (0.99, 2, 6.965), (0.975, 1, 12.706), (0.999, 3, 10.215)]:
+        assert student_t_quantile(p, dof) == pytest.approx(expected, abs=1e-3)
+
+
+def _t_grid():
+    """Every dof from the smallest calibration.min_images allows, every p the thresholds use
+    (1 - rate for calibration's false_alarm_rate / unknown_rate range)."""
+    from dataclasses import fields
+    from moleflow.config.training import CalibrationConfig
+    meta = {f.name: f.metadata for f in fields(CalibrationConfig)}
+    low_dof = int(meta["min_images"]["min"]) - 1
+    rates = [meta["false_alarm_rate"], meta["unknown_rate"]]
+    rate_lo, rate_hi = min(m["min"] for m in rates), max(m["max"] for m in rates)
+    dofs = list(range(low_dof, 121)) + [150, 200, 500, 1000, 5000, 100000]
+    ps = [1.0 - r for r in np.geomspace(rate_lo, rate_hi, 23)] + [0.9, 0.99, 0.995]
+    return low_dof, dofs, ps
+
+
+@pytest.mark.parametrize("with_scipy", [True, False], ids=["scipy", "no-scipy"])
+def test_student_t_quantile_matches_scipy_with_and_without_it(with_scipy, monkeypatch):
+    """The workstation's answer is scipy's; without scipy (the edge device) the fallback is
+    within 1e-6 of it for every dof and p calibration can ask for (the old series was 2 % low
+    at dof 2)."""
+    import sys
+    stats = pytest.importorskip("scipy.stats")
+    from moleflow import thresholds
+    calls = []
+    if not with_scipy:
+        monkeypatch.setitem(sys.modules, "scipy.stats", None)  # import scipy.stats fails
+        monkeypatch.setattr(thresholds, "_t_quantile",
+                            lambda p, d, f=thresholds._t_quantile: calls.append(d) or f(p, d))
+        with pytest.raises(ImportError):
+            import scipy.stats  # noqa: F401
+    low_dof, dofs, ps = _t_grid()
+    assert low_dof == 2
+    worst = 0.0
+    for dof in dofs:
+        for p in ps:
+            got = thresholds.student_t_quantile(p, dof)
+            want = float(stats.t.ppf(p, dof))
+            worst = max(worst, abs(got - want) / max(abs(want), 0.01))  # p 0.5: t 0
+            assert thresholds.student_t_quantile(1.0 - p, dof) == pytest.approx(-got)
+    assert worst < 1e-6
+    if with_scipy:
+        assert not calls
+    else:  # every answer came from the fallback
+        assert len(calls) >= 2 * len(dofs) * len(ps) and set(calls) == set(dofs)
+    # the bug this replaced: 6.81 instead of 6.96 at dof 2, p 0.99
+    assert thresholds.student_t_quantile(0.99, 2) == pytest.approx(6.9646, abs=1e-4)
+
+
+def test_student_t_fallback_closed_forms_and_bad_input():
+    import math
+    from moleflow.thresholds import _t_quantile
+    assert _t_quantile(0.75, 1) == pytest.approx(1.0)                  # tan(pi/4)
+    assert _t_quantile(0.5, 7) == 0.0
+    assert _t_quantile(0.9, 2) == pytest.approx(0.8 * math.sqrt(2 / 0.36))
+    # dof 4: t = 2 sqrt(q - 1), q = cos(acos(sqrt(a)) / 3) / sqrt(a), a = 4 p (1 - p)
+    a = 4 * 0.995 * 0.005
+    q = math.cos(math.acos(math.sqrt(a)) / 3) / math.sqrt(a)
+    assert _t_quantile(0.995, 4) == pytest.approx(2 * math.sqrt(q - 1), rel=1e-10)
+    for p, dof in [(0.0, 5), (1.0, 5), (0.9, 0), (0.9, 2.5)]:
+        with pytest.raises(ValueError, match="p must|dof must"):
+            _t_quantile(p, dof)
 
 
 def test_threshold_needs_finite_values():
