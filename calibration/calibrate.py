@@ -91,7 +91,7 @@ def calibrate_engine_set(root: Path, data_root: Path, cfg: CalibrationConfig,
     size = engines.size
     codec = parse_condition(cfg.codec)
     reports = []
-    for entry in manifest.experts:
+    for i, entry in enumerate(manifest.experts, 1):
         sha, scoring = entry.files["onnx"].sha256, scoring_key(manifest, entry)
         old = table.for_expert(entry.name, sha, scoring)
         cls_dir = Path(data_root) / entry.name
@@ -110,6 +110,8 @@ def calibrate_engine_set(root: Path, data_root: Path, cfg: CalibrationConfig,
             if missing:
                 raise DataError(f"held-out image {missing[0]} of expert {entry.name!r} is "
                                 f"missing: pass --data with the folder the run was trained on")
+            log.info("calibrating %s (%d/%d): %d held-out images through %s", entry.name, i,
+                     len(manifest.experts), len(paths), codec.name)
             images = codec.apply(load_images(paths, size), seed=0)
             scores, maxima, dists, typical = score_images(pipe, entry.name, images)
             table.experts[entry.name] = fit_expert(
@@ -117,10 +119,13 @@ def calibrate_engine_set(root: Path, data_root: Path, cfg: CalibrationConfig,
                 typical=typical, codec=codec.name,
                 distance_factor=cfg.unknown_distance_factor,
                 typicality_margin=cfg.unknown_typicality)
+        else:
+            log.info("%s (%d/%d): calibration still valid, kept", entry.name, i,
+                     len(manifest.experts))
         report = ExpertReport(entry.name, table.experts[entry.name], refit)
+        log.info("checking %s on its test images", entry.name)
         _check_on_test(pipe, report, cls_dir, size, codec)
-        reports.append(report)
-        log.info("%s", report.line())
+        reports.append(report)  # the table is printed once, by the caller (summary)
     table.save(path)
     manifest.calibration = FileRef.of(root, path)
     manifest.save(root)

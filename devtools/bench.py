@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from moleflow.config import Config
+from moleflow.devtools.harness import Service, served
 from moleflow.errors import MoleflowError
-from moleflow.devtools.harness import served
 
 
 @dataclass
@@ -136,6 +136,7 @@ def _sender(address: str, frames_path: str, seconds: float, rate: float, window:
 def load_frames(engines_dir: Path, data_root: Path, per_class: int = 16) -> np.ndarray:
     """RGB test images of the engine set's products at its input size, interleaved."""
     import cv2
+
     from moleflow.manifest import Manifest
     manifest = Manifest.load(engines_dir)
     size = int(manifest.input["size"])
@@ -188,8 +189,8 @@ def bench_daemon(engines_dir: Path, frames: np.ndarray, cfg: Config, seconds: fl
         tmpdir = Path(tmp)
         frames_path = tmpdir / "frames.npy"
         np.save(frames_path, frames)
-        with served(engines_dir, cfg, tmpdir, "pull", "bench", [("+/result", 0)], on_result,
-                    settings={"logging": {"json": False}}) as zport:
+        with served(Service(engines_dir, cfg, tmpdir, "pull", "bench",
+                            {"logging": {"json": False}}), [("+/result", 0)], on_result) as zport:
             warm_until = 0.0
             for _ in range(max(1, rounds)):
                 bare = bare_fps(pipe, frames, cfg.ingest.max_batch, max(seconds / 3, 2.0),

@@ -21,12 +21,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from moleflow.conditions import ConditionError, parse_condition
 from moleflow.config import Config
 from moleflow.devtools.drive import jpeg, jpeg_message, raw_message
-from moleflow.errors import MoleflowError
-from moleflow.devtools.harness import served
-from moleflow.conditions import ConditionError, parse_condition
+from moleflow.devtools.harness import Service, served
 from moleflow.engines.runtime import parallelism
+from moleflow.errors import MoleflowError
 
 
 @dataclass
@@ -113,8 +113,9 @@ def replay(engines: Path, data_root: Path, classes: list[str], cfg: Config, out:
             (alarms if topic.endswith("/alarm") else results)[message["frame"]] = message
 
     frames = labelled_test_images(data_root, classes)
-    with served(engines, cfg, out, "rep", "demo", [("+/result", 0), ("+/alarm", 1)],
-                on_message, settings={"mqtt": {"map_interval": 0.0}}, embedded_ok=True) as zport:
+    with served(Service(engines, cfg, out, "rep", "demo", {"mqtt": {"map_interval": 0.0}},
+                        embedded_ok=True), [("+/result", 0), ("+/alarm", 1)],
+                on_message) as zport:
         ctx = zmq.Context()
         camera = ctx.socket(zmq.REQ)
         camera.setsockopt(zmq.RCVTIMEO, 30000)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -101,39 +101,57 @@ class Served(int):
         return out
 
 
+@dataclass(frozen=True)
+class Service:
+    """What ``served()`` serves: an engine set with ``cfg`` (``settings`` override whole config
+    sections), one ``pattern`` (rep/pull/sub) camera socket, the device id of its topics; the
+    config and the daemon's log go to ``folder``. ``embedded_ok``: without Mosquitto, the
+    demo's embedded broker will do."""
+
+    engines: Path
+    cfg: Config
+    folder: Path
+    pattern: str = "pull"
+    device_id: str = "dev"
+    settings: dict[str, dict] | None = None
+    embedded_ok: bool = False
+
+    def write_config(self, broker_port: int, camera_port: int) -> Path:
+        conf = self.cfg.to_dict()
+        conf["engines"]["path"] = str(self.engines)
+        conf["mqtt"].update(port=broker_port, device_id=self.device_id)
+        conf["ingest"]["endpoints"] = [f"{self.pattern}+tcp://127.0.0.1:{camera_port}"]
+        conf["spool"]["path"] = str(self.folder / "alarms.sqlite")
+        conf["evidence"]["folder"] = str(self.folder / "evidence")
+        conf["metrics"]["port"] = 0
+        for section, values in (self.settings or {}).items():
+            conf[section].update(values)
+        path = self.folder / "config.yaml"
+        path.write_text(yaml.safe_dump(conf, sort_keys=False))
+        return path
+
+
 @contextlib.contextmanager
-def served(engines: Path, cfg: Config, folder: Path, pattern: str, device_id: str,
-           topics: list[tuple[str, int]], on_message: Callable[[str, bytes], None],
-           settings: dict[str, dict] | None = None, embedded_ok: bool = False
-           ) -> Iterator[Served]:
-    """Serve ``engines`` with one ``pattern`` (rep/pull/sub) camera socket; yields its port
-    (a ``Served``: also the daemon's process).
+def served(service: Service, topics: list[tuple[str, int]],
+           on_message: Callable[[str, bytes], None]) -> Iterator[Served]:
+    """Serve ``service``; yields its camera port (a ``Served``: also the daemon's process).
 
     ``on_message(topic, payload)`` gets every message on ``topics`` (filters under
-    ``moleflow/<device_id>/``) on the listener's thread; ``settings`` override config
-    sections. The daemon's log is ``folder/daemon.log``.
+    ``moleflow/<device_id>/``) on the listener's thread. The daemon's log is
+    ``folder/daemon.log``.
     """
     import paho.mqtt.client as mqtt
+    folder = service.folder
     folder.mkdir(parents=True, exist_ok=True)
-    broker = start_broker(folder, embedded_ok)
+    broker = start_broker(folder, service.embedded_ok)
     zport = free_port()
-    conf = cfg.to_dict()
-    conf["engines"]["path"] = str(engines)
-    conf["mqtt"].update(port=broker.port, device_id=device_id)
-    conf["ingest"]["endpoints"] = [f"{pattern}+tcp://127.0.0.1:{zport}"]
-    conf["spool"]["path"] = str(folder / "alarms.sqlite")
-    conf["metrics"]["port"] = 0
-    for section, values in (settings or {}).items():
-        conf[section].update(values)
-    (folder / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    config = service.write_config(broker.port, zport)
     log_path = folder / "daemon.log"
     log_file = open(log_path, "wb")
     daemon = subprocess.Popen([sys.executable, "-m", "moleflow.cli", "serve", "--config",
-                               str(folder / "config.yaml")], env=env, stdout=log_file,
-                              stderr=subprocess.STDOUT)
+                               str(config)], stdout=log_file, stderr=subprocess.STDOUT)
     online = threading.Event()
-    root = f"moleflow/{device_id}"
+    root = f"moleflow/{service.device_id}"
 
     def receive(client, userdata, msg):
         if msg.topic == f"{root}/status":

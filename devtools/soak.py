@@ -20,10 +20,18 @@ from pathlib import Path
 from typing import Callable
 
 from moleflow.config import Config
-from moleflow.devtools.drive import (Collector, jpeg, jpeg_message, load_frames, metric_total, msg_text,
-                        proc_stats, scrape_metrics)
+from moleflow.devtools.drive import (
+    Collector,
+    jpeg,
+    jpeg_message,
+    load_frames,
+    metric_total,
+    msg_text,
+    proc_stats,
+    scrape_metrics,
+)
+from moleflow.devtools.harness import Service, free_port, served
 from moleflow.errors import MoleflowError
-from moleflow.devtools.harness import free_port, served
 
 HEADER = (f"{'minute':>7} {'rss_mib':>9} {'fds':>5} {'threads':>7} {'sent':>8} {'results':>8} "
           f"{'alarms':>7}")
@@ -153,9 +161,8 @@ def run_soak(engines: Path, cfg: Config, minutes: float = 30.0, fps: float = 10.
     rows: list[Row] = []
     problems: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        with served(engines, cfg, Path(tmp), "pull", "soak",
-                    [("+/result", 0), ("+/alarm", 1), ("events", 1)], collector,
-                    settings={"metrics": {"port": mport}}) as port:
+        with served(Service(engines, cfg, Path(tmp), "pull", "soak", {"metrics": {"port": mport}}),
+                    [("+/result", 0), ("+/alarm", 1), ("events", 1)], collector) as port:
             cams = Cameras(port, cameras, fps, jpegs)
             t0 = time.time()
             cams.start()

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moleflow import __version__
 from moleflow.config import Config
 from moleflow.engines.fp16 import convert_to_fp16
 from moleflow.engines.fuse import FusedExpert
@@ -120,7 +121,8 @@ def export_engine_set(run_dir: Path, out: Path, config: Config | None = None) ->
     feats = torch.zeros(2, bundle.dim, *bundle.grid)
     experts = []
     for record in bundle.tasks:
-        log.info("exporting expert %d (%s) with LoRA fused", record.index, record.name)
+        log.info("exporting expert %d/%d (%s) with LoRA fused", len(experts) + 1,
+                 len(bundle.tasks), record.name)
         data = onnx_bytes(FusedExpert(model, record.index), feats, "features", ["patch_nll"])
         files = _pair(out, f"experts/{record.stem}", data)
         norm_ref = None
@@ -147,7 +149,7 @@ def export_engine_set(run_dir: Path, out: Path, config: Config | None = None) ->
                  "image_score": evalcfg.image_score, "anomaly_map": evalcfg.anomaly_map},
         experts=experts, router=router_ref,
         calibration=FileRef.of(out, calib) if calib.is_file() else None,
-        software={"moleflow": "0.1.0", "torch": torch.__version__, "onnx": onnx.__version__,
+        software={"moleflow": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                   "onnxruntime": onnxruntime.__version__, "opset": str(OPSET),
                   "python": platform.python_version()},
     )

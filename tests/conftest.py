@@ -12,15 +12,18 @@ from moleflow.train.synthetic import make_synthetic_mvtec
 ROOT = Path(__file__).resolve().parents[1]
 
 def run_without(modules: tuple[str, ...], code: str, timeout: int = 120):
-    """Run ``code`` in a fresh Python in which importing any of ``modules`` fails."""
+    """Run ``code`` in a fresh Python in which importing any of ``modules`` (a top-level name
+    such as ``torch``, or a dotted package such as ``moleflow.train``, with its submodules)
+    fails."""
     import subprocess
     import sys
     blocker = (
         "import sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        f"        if name.split('.')[0] in {tuple(modules)!r}:\n"
-        "            raise ImportError(f'{name} must not be imported on the edge side')\n"
+        f"        if any(name == m or name.startswith(m + '.') for m in {tuple(modules)!r}):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (blocked: not needed '\n"
+        "                                      'here)', name=name)\n"
         "sys.meta_path.insert(0, Block())\n")
     return subprocess.run([sys.executable, "-c", blocker + code], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)

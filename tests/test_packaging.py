@@ -1,35 +1,102 @@
-"""Package boundaries: edge imports without torch; the edge extra does not pull torch."""
+"""Packaging: the edge side runs without torch, the extras say what they add, one version."""
 
 from __future__ import annotations
 
+import re
+import tomllib
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
+import moleflow
+from moleflow.cli import main, missing_extra
 from tests.conftest import run_without
 
-EDGE_FORBIDDEN = ("torch", "timm", "FrEIA", "train")
+ROOT = Path(__file__).resolve().parents[1]
+EDGE_FORBIDDEN = ("torch", "timm", "FrEIA", "onnx", "moleflow.train")
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def test_edge_imports_and_validates_config_without_torch():
-    out = run_without(EDGE_FORBIDDEN + ("onnx",),
-                      "import edge, moleflow.config, moleflow.cli, moleflow.errors\n"
-                      "import moleflow.edge.daemon, moleflow.edge.ingest, moleflow.edge.publisher, moleflow.edge.frames, moleflow.edge.spool\n"
-                      "import moleflow.edge.metrics, moleflow.edge.logs, moleflow.thresholds, moleflow.engines.pipeline\n"
+    out = run_without(EDGE_FORBIDDEN,
+                      "import moleflow.config, moleflow.cli, moleflow.errors\n"
+                      "import moleflow.edge.daemon, moleflow.edge.ingest, moleflow.edge.publisher\n"
+                      "import moleflow.edge.frames, moleflow.edge.spool, moleflow.edge.metrics\n"
+                      "import moleflow.edge.logs, moleflow.thresholds, moleflow.engines.pipeline\n"
                       "from moleflow.cli import main\n"
                       "raise SystemExit(main(['config', '--config', 'config.yaml']))\n")
     assert out.returncode == 0, out.stderr
     assert "lora_rank: 64" in out.stdout
 
 
-def test_edge_extra_does_not_pull_torch():
+def test_training_on_an_edge_only_install_names_the_extra():
+    out = run_without(("torch",), "from moleflow.cli import main\n"
+                                  "raise SystemExit(main(['export', '--run', 'r', '--out', 'e']))\n")
+    assert out.returncode == 2
+    assert "needs the 'train' extra" in out.stderr and "torch" in out.stderr
+    assert "Traceback" not in out.stderr
+    exc = ModuleNotFoundError("No module named 'zmq'", name="zmq")
+    assert "'edge' extra" in missing_extra(exc)
+    assert missing_extra(ModuleNotFoundError("x", name="not_ours")) is None
+
+
+def test_extras_add_to_the_base_without_repeating_it():
+    project = _pyproject()["project"]
+    base = {re.split(r"[<>=\[ ;]", r)[0].lower() for r in project["dependencies"]}
+    for extra, reqs in project["optional-dependencies"].items():
+        names = {re.split(r"[<>=\[ ;]", r)[0].lower() for r in reqs}
+        assert not names & base, f"extra {extra} repeats base dependencies {names & base}"
+    edge = {re.split(r"[<>=\[ ;]", r)[0].lower() for r in project["optional-dependencies"]["edge"]}
+    assert not {n for n in edge if n.startswith(("torch", "timm", "freia", "onnx>", "onnx="))}
+    assert "onnxruntime" in edge
+
+
+def test_the_torch_pair_is_a_constraint_not_a_pin():
+    project = _pyproject()["project"]
+    train = project["optional-dependencies"]["train"]
+    assert "torch" in train and "torchvision" in train  # unpinned in the package
+    constraints = (ROOT / "constraints.txt").read_text()
+    assert re.search(r"^torch==\d", constraints, re.M)
+    assert re.search(r"^torchvision==\d", constraints, re.M)
+    assert "-c constraints.txt" in (ROOT / "Makefile").read_text()
+
+
+def test_one_version():
+    assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "moleflow.__version__"}
     try:
-        requires = metadata.requires("moleflow-edge") or []
+        assert metadata.version("moleflow-edge") == moleflow.__version__
     except metadata.PackageNotFoundError:
         pytest.skip("moleflow-edge is not installed (pip install -e '.[train,dev]')")
-    edge = [r.split(";")[0].strip().lower() for r in requires if 'extra == "edge"' in r]
-    assert edge, "the edge extra exists"
-    assert not [r for r in edge if r.startswith(("torch", "timm", "freia"))]
+    from moleflow.edge.daemon import VERSION
+    assert VERSION == moleflow.__version__
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"moleflow {moleflow.__version__}"
+
+
+def test_subcommands_take_only_their_flags(capsys):
+    """Training shortcuts belong to the commands that train: ``serve --epochs 3`` is an error."""
+    for argv in (["serve", "--epochs", "3"], ["calibrate", "--engines", "e", "--preset", "full"],
+                 ["config", "--seed", "1"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_pytest_markers_are_strict():
+    ini = _pyproject()["tool"]["pytest"]["ini_options"]
+    assert "--strict-markers" in ini["addopts"]
+    names = {m.split(":")[0] for m in ini["markers"]}
+    assert {"real_data", "mosquitto", "gpu", "slow", "browser"} <= names
 
 
 def test_console_script_is_declared():
