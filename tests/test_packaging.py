@@ -108,3 +108,33 @@ def test_console_script_is_declared():
     if "moleflow" not in names:
         pytest.skip("moleflow-edge is not installed (pip install -e '.[train,dev]')")
     assert names["moleflow"] == "moleflow.cli:main"
+
+
+def test_demo_replaces_only_a_run_folder_it_made(tmp_path):
+    from moleflow.cli.dev import DEMO_MARK, fresh_run_folder
+    from moleflow.errors import MoleflowError
+    mine = tmp_path / "someone-elses"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(MoleflowError, match="was not made by 'moleflow demo'.*--force"):
+        fresh_run_folder(mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    demo = tmp_path / "demo"
+    fresh_run_folder(demo)
+    (demo / "old-result.csv").write_text("x")
+    fresh_run_folder(demo)  # an earlier demo's folder is replaced
+    assert sorted(p.name for p in demo.iterdir()) == [DEMO_MARK]
+    fresh_run_folder(mine, force=True)
+    assert not (mine / "notes.txt").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MoleflowError, match="is a file"):
+        fresh_run_folder(tmp_path / "file", force=True)
+
+
+def test_demo_checks_the_data_before_touching_the_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("x")
+    assert main(["demo", "--run", str(run), "--data", str(tmp_path / "absent"), "--force"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert (run / "keep.txt").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -71,8 +72,9 @@ def test_engine_benchmark_reports_decisions_and_the_cli_prints_the_table(
     assert "jpeg must be in 1..100" in capsys.readouterr().err
 
 
-def test_calibration_follows_the_codec(calibrated, synthetic_root, capsys):
+def test_calibration_follows_the_codec(calibrated, synthetic_root, capsys, caplog):
     _, out, _ = calibrated
+    caplog.set_level(logging.INFO)
     table = json.loads((out / "calibration.json").read_text())["experts"]
     assert {e["codec"] for e in table.values()} == {"jpeg:90"}
     assert all(e["typical_limit"] is not None for e in table.values())
@@ -82,7 +84,12 @@ def test_calibration_follows_the_codec(calibrated, synthetic_root, capsys):
     lossless = json.loads((out / "calibration.json").read_text())["experts"]
     assert {e["codec"] for e in lossless.values()} == {"lossless"}
     assert lossless["alpha"]["held_out_scores"] != table["alpha"]["held_out_scores"]
-    assert "(lossless)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(lossless)" in printed
+    # the table once (printed), the log shows progress instead of a second copy of it
+    row = next(line for line in printed.splitlines() if line.startswith("alpha"))
+    assert printed.count(row) == 1 and row not in caplog.text
+    assert "calibrating alpha (1/" in caplog.text and "held-out images through lossless" in caplog.text
     assert main(["calibrate", "--engines", str(out), "--data", str(synthetic_root),
                  "--set", "calibration.codec=jpeg:90", "--quiet"]) == 0
     again = json.loads((out / "calibration.json").read_text())["experts"]
