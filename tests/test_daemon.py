@@ -21,6 +21,8 @@ from moleflow.data import load_class, load_images
 from tests.daemon_helpers import (Listener, PushCamera, Running, check_payload, daemon_config,
                                   free_port)
 
+pytestmark = pytest.mark.mosquitto
+
 imagezmq = pytest.importorskip("imagezmq", reason="imagezmq is a test dependency ('.[dev]')")
 zmq = pytest.importorskip("zmq", reason="pyzmq is part of the edge extra")
 
@@ -290,11 +292,12 @@ def test_notify_watchdog_metrics_and_health(engine_set, broker, tmp_path, monkey
             time.sleep(0.05)
         text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
         text = text.decode()
-        assert 'moleflow_frames_in{camera="cam6"} 1' in text
-        assert 'moleflow_frames_scored{camera="cam6"} 1' in text
-        assert 'moleflow_stage_seconds_count{stage="backbone"} 1' in text
-        assert "moleflow_mqtt_connects 1" in text  # the publisher's counters reach /metrics
-        assert "moleflow_healthy 1" in text and "moleflow_connections 1" in text
+        assert 'moleflow_frames_in_total{camera="cam6"} 1.0' in text
+        assert 'moleflow_frames_scored_total{camera="cam6"} 1.0' in text
+        assert 'moleflow_stage_seconds_count{stage="backbone"} 1.0' in text
+        assert "moleflow_mqtt_connects_total 1.0" in text  # the publisher's counters too
+        assert "moleflow_healthy 1.0" in text and "moleflow_ingest_connections 1.0" in text
+        assert "# HELP moleflow_frames_scored_total " in text and "process_cpu_seconds" in text
         health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{mport}/healthz",
                                                    timeout=5).read())
         assert health["healthy"] and health["mqtt_connected"] and health["experts"]

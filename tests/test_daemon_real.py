@@ -14,6 +14,8 @@ from moleflow.data import load_class, load_images
 from tests.daemon_helpers import Broker, Listener, free_port
 from tests.test_daemon import Running, daemon_config
 
+pytestmark = [pytest.mark.real_data, pytest.mark.mosquitto, pytest.mark.slow]
+
 imagezmq = pytest.importorskip("imagezmq", reason="imagezmq is a test dependency ('.[dev]')")
 
 

@@ -3,6 +3,8 @@ parity with PyTorch, FP16 accuracy, and calibration on held-out normals."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from moleflow.calibration.calibrate import calibrate_engine_set
@@ -10,6 +12,8 @@ from moleflow.config import CalibrationConfig
 from moleflow.engines.pipeline import EngineSet, Pipeline
 from moleflow.engines.verify import verify_engine_set
 from moleflow.data import load_class, load_images
+
+pytestmark = [pytest.mark.real_data, pytest.mark.slow]
 
 
 def test_exported_pipeline_matches_pytorch_and_fp16_is_safe(real_engine_set):

@@ -16,6 +16,8 @@ from moleflow.devtools.soak import Row, compare, parse_rows
 from moleflow.engines.export import export_engine_set
 from moleflow.train.continual import train_tasks
 
+pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
+
 zmq = pytest.importorskip("zmq", reason="pyzmq is part of the edge extra")
 
 SMALL = {"train.epochs": 2, "data.image_size": 64, "model.coupling_blocks": 2,

@@ -6,7 +6,11 @@ continual pipeline detects real defects, not the full-size benchmark figures (se
 
 from __future__ import annotations
 
+import pytest
+
 from moleflow.train.bundle import RunBundle
+
+pytestmark = [pytest.mark.real_data, pytest.mark.slow]
 
 
 def test_routed_continual_run_on_real_images(real_run):

@@ -33,6 +33,7 @@ def test_tensorrt_back_end_without_tensorrt_names_the_install(tmp_path):
         build_engine_set(tmp_path)
 
 
+@pytest.mark.gpu
 def test_tensorrt_plans_match_onnx_runtime(synthetic_root, tmp_path):
     _gpu_or_skip()
     from moleflow.config import load_config
