@@ -36,10 +36,12 @@ from moleflow.edge.frames import Frame, FrameError, decode
 from moleflow.edge.health import assess
 from moleflow.edge.ingest import Ingest, Message
 from moleflow.edge.logs import Throttle
-from moleflow.edge.metrics import Metrics, serve_metrics
+from moleflow.edge.http import serve_http
+from moleflow.edge.metrics import Metrics
 from moleflow.edge.publisher import Publisher
 from moleflow.edge.queueing import FairQueue
 from moleflow.edge.spool import AlarmSpool
+from moleflow.edge.webstate import web_source
 from moleflow.engines.pipeline import EngineSet, FrameScore, Pipeline
 from moleflow.engines.runtime import limit_library_threads, parallelism
 
@@ -133,14 +135,13 @@ class Daemon:
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         if self.cfg.metrics.port:  # first: a port in use is a config error, before any socket
-            try:
-                self._metrics_server = serve_metrics(self.metrics, self.health,
-                                                     self.cfg.metrics.bind,
-                                                     self.cfg.metrics.port)
+            try:  # /metrics, /healthz and the read-only page (moleflow.edge.http)
+                self._metrics_server = serve_http(web_source(self), self.cfg.metrics.bind,
+                                                  self.cfg.metrics.port)
             except OSError as exc:
                 raise ConfigError(f"metrics.port: cannot listen on {self.cfg.metrics.bind}:"
                                   f"{self.cfg.metrics.port} ({exc}); choose another port or "
-                                  "0 to switch /metrics and /healthz off") from exc
+                                  "0 to switch /metrics, /healthz and the page off") from exc
         self.publisher.start()
         self.ingest.start()
         sd_notify("READY=1\nSTATUS=scoring frames")
@@ -324,6 +325,7 @@ class Daemon:
                           cfg.max_side, message.received_at, cfg.max_pixels)
         except Exception as exc:  # noqa: BLE001 - FrameError or anything a hostile buffer raises
             reason = str(exc) if isinstance(exc, FrameError) else f"{type(exc).__name__}: {exc}"
+            self.metrics.inc("frame_errors", camera=message.camera)  # the page's per camera
             self._ingest_error("bad_frame", f"{message.source} (camera {message.camera}): "
                                             f"{reason}")
             return None
@@ -361,6 +363,8 @@ class Daemon:
             scores = pipeline.score(images, hints)
         except Exception as exc:  # an engine fault must not end the daemon
             self.metrics.inc("errors", kind="engine")
+            for f in batch:
+                self.metrics.inc("frame_errors", camera=f.camera)
             log.exception("scoring failed for %d frames", len(batch))
             self.publisher.send("events", {"event": "engine_error", "detail": repr(exc),
                                            "frames": [f.frame_id for f in batch],

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -70,30 +68,3 @@ class Metrics:
                 lines.append(f'moleflow_stage_seconds_count{{stage="{stage}"}} {h[-1]:g}')
         return "\n".join(lines) + "\n"
 
-
-def serve_metrics(metrics: Metrics, health: Callable[[], dict], bind: str, port: int
-                  ) -> ThreadingHTTPServer:
-    """Start /metrics and /healthz on a daemon thread; returns the server (``shutdown()``)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            if self.path == "/metrics":
-                body, ctype, code = metrics.render().encode(), "text/plain; version=0.0.4", 200
-            elif self.path == "/healthz":
-                state = health()
-                body, ctype = json.dumps(state).encode(), "application/json"
-                code = 200 if state.get("healthy") else 503
-            else:
-                body, ctype, code = b"not found\n", "text/plain", 404
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer((bind, port), Handler)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    return server

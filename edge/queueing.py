@@ -29,6 +29,10 @@ class FairQueue(Generic[T]):
     def __len__(self) -> int:
         return self._count
 
+    def cameras(self) -> list[str]:
+        """The camera names admitted so far."""
+        return list(self._seen)
+
     def admits(self, camera: str) -> bool:
         """Whether frames of ``camera`` are accepted (remembering it if there is room)."""
         if camera == UNPARSED or camera in self._seen:

@@ -80,8 +80,10 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    port: int = opt(9108, "Prometheus /metrics and /healthz port (0 = off)", min=0, max=65535)
-    bind: str = opt("127.0.0.1", "address the metrics endpoint listens on")
+    port: int = opt(9108, "HTTP port of Prometheus /metrics, /healthz and the read-only web "
+                    "page / (0 = off)", min=0, max=65535)
+    bind: str = opt("127.0.0.1", "address the HTTP endpoint (metrics, health, web page) "
+                    "listens on; it has no login: 0.0.0.0 shows it to the whole network")
 
 
 @dataclass(frozen=True)
