@@ -188,7 +188,8 @@ def scrape_metrics(port: int) -> dict[str, float] | None:
 
 
 def metric_total(metrics: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of ``name``'s series whose labels include ``labels``."""
+    """Sum of ``name``'s series whose labels include ``labels`` (a counter's ``name_total``)."""
     want = [f'{k}="{v}"' for k, v in labels.items()]
     return sum(v for k, v in metrics.items()
-               if (k == name or k.startswith(name + "{")) and all(w in k for w in want))
+               if any(k == n or k.startswith(n + "{") for n in (name, name + "_total"))
+               and all(w in k for w in want))

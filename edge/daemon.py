@@ -192,8 +192,8 @@ class Daemon:
         self.metrics.set("mqtt_connected", 1.0 if health["mqtt"]["connected"] else 0.0)
         self.metrics.set("spooled_alarms", float(spool["spooled_alarms"] or 0))
         self.metrics.set("memory_alarms", float(spool["memory_alarms"]))
-        self.metrics.set("connections", float(self.ingest.connections))
-        self.metrics.set("connections_refused", float(self.ingest.refused))
+        self.metrics.set("ingest_connections", float(self.ingest.connections))
+        self.metrics.set("ingest_connections_refused", float(self.ingest.refused))
 
     def loop_age(self) -> float:
         """Seconds since the least recent worker started its current loop."""
@@ -406,7 +406,7 @@ class Daemon:
             self.metrics.observe(stage, v)
         actions.append(functools.partial(self.publisher.send, f"{cam}/result", result))
         if s.unknown:
-            self.metrics.inc("unknown", camera=cam)
+            self.metrics.inc("frames_unknown", camera=cam)
             actions.append(functools.partial(self.publisher.send, f"{cam}/unknown", result))
         interval = self.cfg.mqtt.map_interval
         with self._map_lock:  # one map per interval and camera, whichever worker is first
