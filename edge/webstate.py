@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from moleflow.edge.http import WebSource
+from moleflow.edge.queueing import UNPARSED
 
 #: per-camera counters on the page: (field, metric name, its other labels)
 CAMERA_COUNTERS = (("frames_in", "frames_in", {}), ("frames_scored", "frames_scored", {}),
@@ -22,9 +23,12 @@ MAX_ALARMS = 50
 
 
 def camera_counters(daemon: Any) -> list[dict]:
-    """One row per camera the daemon admitted, in name order."""
+    """One row per camera the daemon admitted, in name order; then ``?`` for messages too
+    broken to name a camera, if there were any."""
     with daemon.cond:
         cameras = sorted(daemon.queue.cameras())
+    if daemon.metrics.value("frames_in", camera=UNPARSED):  # messages naming no camera
+        cameras.append(UNPARSED)
     rows = []
     for cam in cameras:
         row: dict[str, Any] = {"camera": cam}

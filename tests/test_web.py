@@ -215,7 +215,8 @@ def get_json(port: int, path: str):
 @pytest.fixture(scope="module")
 def live(engine_set, synthetic_root, tmp_path_factory):
     """A daemon (real broker, PUSH camera) that scored beta's test images as camera cam1 (the
-    defective ones with HTML in their frame ids) and one undecodable message."""
+    defective ones with HTML in their frame ids), one undecodable cam1 message and one message
+    naming no camera."""
     import time
     from types import SimpleNamespace
 
@@ -242,12 +243,13 @@ def live(engine_set, synthetic_root, tmp_path_factory):
             camera.send("cam1", frame, cv2.imread(str(item.path)))
         broken = raw_frame("cam1", "broken", cv2.imread(str(items[0].path)))
         camera.socket.send_multipart([broken[0], b"\0" * 10])
+        camera.socket.send_multipart([b"not a header"])  # names no camera: the row "?"
         deadline, doc, alarms = time.time() + 60, {}, []
         while time.time() < deadline:
             doc, alarms = get_json(port, "/api/status"), get_json(port, "/api/alarms")
-            row = (doc["cameras"] or [{}])[0]
+            row, nameless = (doc["cameras"] + [{}, {}])[:2]
             if (row.get("frames_scored") == len(items) and row.get("errors") == 1
-                    and row.get("alarms") == len(alarms) > 0):
+                    and row.get("alarms") == len(alarms) > 0 and nameless.get("errors") == 1):
                 break
             time.sleep(0.2)
         else:
@@ -281,7 +283,9 @@ def test_daemon_status_alarms_and_evidence_routes(live):
     unknown = sum(r["unknown"] for r in live.results)  # as the results on MQTT said
     assert doc["cameras"] == [{"camera": "cam1", "frames_in": n + 1, "frames_scored": n,
                                "alarms": len(live.alarms), "unknown": unknown,
-                               "dropped": 0, "errors": 1}]
+                               "dropped": 0, "errors": 1},
+                              {"camera": "?", "frames_in": 1, "frames_scored": 0, "alarms": 0,
+                               "unknown": 0, "dropped": 0, "errors": 1}]
     # the page's alarms are the ones published, newest first
     assert sorted((a["frame"], a["score_raw"]) for a in alarms) == \
         sorted((a["frame"], a["score_raw"]) for a in live.alarms)
@@ -334,10 +338,11 @@ def test_the_page_in_a_headless_browser(live, tmp_path):
     for e in status["experts"]:
         assert f'<td class="name">{e["name"]}</td>' in experts
         assert f">{e['threshold']:.3f}</td>" in experts and e["codec"] in experts
-    cam = status["cameras"][0]
     cells = re.findall(r'<td class="(?:name|num[^"]*)">([^<]*)</td>', section("cameras"))
-    assert cells == ["cam1"] + [f"{cam[k]:,}" for k in ("frames_in", "frames_scored", "alarms",
-                                                          "unknown", "dropped", "errors")]
+    assert cells == [v for cam in status["cameras"] for v in [cam["camera"]] + [
+        f"{cam[k]:,}" for k in ("frames_in", "frames_scored", "alarms", "unknown", "dropped",
+                                "errors")]]
+    assert cells[0] == "cam1" and cells[7] == "?"
     rows = section("alarms").split("<tr>")[2:]  # after the header row
     assert len(rows) == len(alarms) > 0
     first = alarms[0]
