@@ -39,7 +39,9 @@ from moleflow.edge.logs import Throttle
 from moleflow.edge.http import serve_http
 from moleflow.edge.metrics import Metrics
 from moleflow.edge.publisher import Publisher
+from moleflow.edge.commands import check_products
 from moleflow.edge.queueing import FairQueue
+from moleflow.edge.scada import Scada
 from moleflow.edge.spool import AlarmSpool
 from moleflow.edge.webstate import web_source
 from moleflow.engines.pipeline import EngineSet, FrameScore, Pipeline
@@ -73,6 +75,7 @@ def load_engines(cfg: Config) -> Pipeline:
     limit_library_threads(threads)
     engines = EngineSet.open(Path(cfg.engines.path), backend=cfg.engines.backend,
                              precision=cfg.engines.precision, threads=threads)
+    check_products(cfg, engines.expert_names())  # ingest.products: each one an expert
     pipeline = Pipeline(engines, with_maps=False)  # maps only for alarms and due map messages
     started = time.perf_counter()
     pipeline.warm_up(cfg.ingest.max_batch, workers)
@@ -122,6 +125,7 @@ class Daemon:
         self._ready: dict[int, list[Callable[[], object]]] = {}
         self._order_lock = threading.Lock()
         self.ingest = Ingest(cfg.ingest, self._enqueue, self._ingest_error)
+        self.scada = Scada(self)  # camera products, cmd/ topics, Sparkplug B (edge.scada)
         self.metrics.collectors.append(lambda: self._gauges(self.health()))
         self._metrics_server = None
 
@@ -143,6 +147,7 @@ class Daemon:
                                   f"{self.cfg.metrics.port} ({exc}); choose another port or "
                                   "0 to switch /metrics, /healthz and the page off") from exc
         self.publisher.start()
+        self.scada.start()
         self.ingest.start()
         sd_notify("READY=1\nSTATUS=scoring frames")
         log.info("daemon started: experts %s, backend %s, %d scoring workers",
@@ -213,6 +218,7 @@ class Daemon:
             t.join()
         while self.queue:
             self.step(timeout=0)
+        self.scada.stop()  # Sparkplug NDEATH, the command thread
         self.publisher.stop(timeout=5.0)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -236,6 +242,7 @@ class Daemon:
         threads = {t.name: t.is_alive() for t in self._threads}
         threads["ingest"] = self.ingest.alive()
         threads.update(self.publisher.threads_alive())
+        threads.update(self.scada.threads_alive())
         ages = {"workers": self.loop_age(), "ingest": now - self.ingest.heartbeat,
                 "spool-pump": now - self.publisher.heartbeat}
         with self.cond:
@@ -344,6 +351,7 @@ class Daemon:
         self.pipeline = fresh
         after = set(fresh.engines.expert_names())
         self.publisher.announce(self._status())
+        self.scada.reloaded(self._status())
         event = {"event": "engines_reloaded", "added": sorted(after - before),
                  "removed": sorted(before - after), "experts": sorted(after), "time": time.time()}
         self.publisher.send("events", event, qos=1)
@@ -358,6 +366,7 @@ class Daemon:
             if f.product and h is None:
                 self._ingest_error("bad_hint", f"{f.camera}/{f.frame_id}: product {f.product!r} "
                                                "is not an expert; routed instead")
+        hints = self.scada.hints(batch, hints, pipeline.engines.experts)  # camera products
         started = time.time()
         try:
             scores = pipeline.score(images, hints)
@@ -405,6 +414,7 @@ class Daemon:
         for stage, v in s.timings.items():
             self.metrics.observe(stage, v)
         actions.append(functools.partial(self.publisher.send, f"{cam}/result", result))
+        actions.append(functools.partial(self.scada.frame, result, cal and cal.threshold))
         if s.unknown:
             self.metrics.inc("frames_unknown", camera=cam)
             actions.append(functools.partial(self.publisher.send, f"{cam}/unknown", result))

@@ -117,6 +117,7 @@ class Publisher:
         self._memory_key = 0
         self._announce = False
         self._wake = threading.Event()
+        self.subscriptions: dict[str, Any] = {}  # topic filter -> on_message (subscribe())
         self._closing = threading.Event()
         self._pump_thread = threading.Thread(target=self._pump, name="spool-pump", daemon=True)
         self.client = self._client(mqtt)
@@ -221,6 +222,8 @@ class Publisher:
                 self._inflight.clear()  # a new connection: every unacknowledged alarm again
                 self._sent.clear()
                 self._announce = True
+            for topic in list(self.subscriptions):  # a clean session: subscribe again each time
+                client.subscribe(topic, qos=1)
             self.connected.set()
             self.metrics.inc("mqtt_connects")
             self._wake.set()
@@ -250,6 +253,14 @@ class Publisher:
         self._wake.set()  # the pump looks at its alarms' infos; nothing else to record
 
     # ----- publishing ------------------------------------------------------------------------
+    def subscribe(self, topic: str, on_message) -> None:
+        """Receive ``topic`` (a filter) on this connection from the next connect on (commands);
+        ``on_message`` runs on paho's thread and must not raise or publish."""
+        self.subscriptions[topic] = on_message
+        self.client.message_callback_add(topic, on_message)
+        if self.connected.is_set():
+            self.client.subscribe(topic, qos=1)
+
     def announce(self, status: dict[str, Any]) -> None:
         """Replace the retained ``online`` status (e.g. after experts were added)."""
         with self._lock:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moleflow.config.serving import (EnginesConfig, IngestConfig, LoggingConfig, MetricsConfig,
-                                     MqttConfig, SpoolConfig)
+                                     MqttConfig, SparkplugConfig, SpoolConfig)
 from moleflow.config.training import (PRESETS, BackboneConfig, CalibrationConfig, DataConfig,
                                       EvalConfig, ModelConfig, RouterConfig, TrainConfig)
 
@@ -30,6 +30,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     engines: EnginesConfig = field(default_factory=EnginesConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    sparkplug: SparkplugConfig = field(default_factory=SparkplugConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

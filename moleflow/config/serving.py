@@ -35,6 +35,10 @@ class IngestConfig:
                                        "authentication")
     curve_clients: str | None = opt(None, "ZeroMQ CURVE: folder of the allowed cameras' public "
                                     "key files (*.key)")
+    products: list = opt([], "camera=product pairs: that camera's frames are scored by that "
+                         "expert instead of routed (a frame's own product hint still wins); "
+                         "changed at run time on <prefix>/<device_id>/cmd/product",
+                         item=str, empty_ok=True, check="camera_products")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,17 @@ class MqttConfig:
     keepalive: int = opt(30, "MQTT keep-alive in seconds", min=5, max=3600)
     map_interval: float = opt(1.0, "seconds between anomaly-map PNGs per camera (0 = no maps)",
                               min=0.0)
+
+
+@dataclass(frozen=True)
+class SparkplugConfig:
+    enabled: bool = opt(False, "also publish Sparkplug B (spBv1.0/...) on the MQTT broker, on a "
+                        "connection of its own (needs the 'sparkplug' extra)")
+    group_id: str = opt("moleflow", "Sparkplug group id (one topic level)", check="topic_level")
+    edge_node_id: str | None = opt(None, "Sparkplug edge node id (null: mqtt.device_id)",
+                                   check="topic_level")
+    min_interval: float = opt(0.0, "seconds between a camera's DDATA messages (0 = one per "
+                              "scored frame); anomalous frames are always sent", min=0.0)
 
 
 @dataclass(frozen=True)
