@@ -2,7 +2,8 @@
 
     ingest thread --frames--> bounded queue (drops the oldest when full) --> scoring workers
     each worker: batch of waiting frames -> Pipeline (backbone, router, expert, map, decision)
-                 -> result / alarm / map / unknown on MQTT, metrics
+                 -> result / alarm / map / unknown on MQTT (edge.messages), metrics,
+                    each alarm's frame and overlay saved as evidence (edge.evidence)
     main thread: watchdog ping while every worker is alive, engine-set reloads
 
 On a CPU the workers are one per core, each running its batch through single-threaded graphs
@@ -19,84 +20,37 @@ between two batches, so a new product expert goes live while frames keep flowing
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
-import os
-import socket
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
-import cv2
 import numpy as np
 
+from moleflow import __version__
 from moleflow.config import Config, ConfigError
+from moleflow.edge.evidence import EvidenceStore
 from moleflow.edge.frames import Frame, FrameError, decode
 from moleflow.edge.health import assess
-from moleflow.edge.ingest import Ingest, Message
-from moleflow.edge.logs import Throttle
 from moleflow.edge.http import serve_http
+from moleflow.edge.ingest import Ingest, Message
+from moleflow.edge.lifecycle import load_engines, sd_notify
+from moleflow.edge.logs import Throttle
+from moleflow.edge.messages import (MapThrottle, alarm_evidence, alarm_regions, map_png,
+                                    result_payload)
 from moleflow.edge.metrics import Metrics
 from moleflow.edge.publisher import Publisher
-from moleflow.edge.commands import check_products
 from moleflow.edge.queueing import FairQueue
 from moleflow.edge.scada import Scada
 from moleflow.edge.spool import AlarmSpool
 from moleflow.edge.webstate import web_source
-from moleflow.engines.pipeline import EngineSet, FrameScore, Pipeline
-from moleflow.engines.runtime import limit_library_threads, parallelism
+from moleflow.engines.pipeline import FrameScore, Pipeline
+from moleflow.engines.runtime import parallelism
 
 log = logging.getLogger("moleflow.daemon")
-VERSION = "0.1.0"
-
-
-def sd_notify(message: str) -> bool:
-    """Send ``message`` to systemd's notify socket (Type=notify, watchdog); False outside it."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-        return True
-    except OSError:
-        return False
-
-
-def load_engines(cfg: Config) -> Pipeline:
-    if not cfg.engines.path:
-        raise ConfigError("engines.path: no engine set given (the folder with manifest.json)")
-    workers, threads = parallelism(cfg.engines.backend, cfg.engines.workers,
-                                   cfg.engines.threads)
-    limit_library_threads(threads)
-    engines = EngineSet.open(Path(cfg.engines.path), backend=cfg.engines.backend,
-                             precision=cfg.engines.precision, threads=threads)
-    check_products(cfg, engines.expert_names())  # ingest.products: each one an expert
-    pipeline = Pipeline(engines, with_maps=False)  # maps only for alarms and due map messages
-    started = time.perf_counter()
-    pipeline.warm_up(cfg.ingest.max_batch, workers)
-    log.info("engine set warmed up (batches of 1..%d, %d workers) in %.1f s",
-             cfg.ingest.max_batch, workers, time.perf_counter() - started)
-    return pipeline
-
-
-def regions(anomaly_map: np.ndarray, threshold: float, max_regions: int = 16) -> list[dict]:
-    """Bounding boxes of the map's connected areas above ``threshold`` (pixels and 0..1)."""
-    mask = (anomaly_map > threshold).astype(np.uint8)
-    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    size = anomaly_map.shape[0]
-    boxes = []
-    for i in range(1, n):
-        x, y, w, h, area = (int(v) for v in stats[i])
-        peak = float(anomaly_map[y:y + h, x:x + w].max())
-        boxes.append({"x": x, "y": y, "w": w, "h": h, "area": area, "peak": round(peak, 3),
-                      "box": [round(x / size, 4), round(y / size, 4),
-                              round((x + w) / size, 4), round((y + h) / size, 4)]})
-    return sorted(boxes, key=lambda b: -b["peak"])[:max_regions]
+VERSION = __version__
 
 
 class Daemon:
@@ -115,8 +69,9 @@ class Daemon:
         self.stopping = threading.Event()
         self._reload_pending = threading.Event()
         self._wake = threading.Event()  # the main loop's: a reload or a stop is asked for
-        self._last_map: dict[str, float] = {}
-        self._map_lock = threading.Lock()
+        self.maps = MapThrottle(cfg.mqtt.map_interval)
+        self.evidence = EvidenceStore(cfg.evidence)  # alarm frames + overlays (the web page's)
+        self.recent_alarms: collections.deque[dict] = collections.deque(maxlen=50)
         self.workers, _ = parallelism(cfg.engines.backend, cfg.engines.workers,
                                       cfg.engines.threads)
         self._heartbeat = [time.monotonic()] * self.workers  # each worker's last loop start
@@ -395,49 +350,54 @@ class Daemon:
     def _publish(self, pipeline: Pipeline, frame: Frame, s: FrameScore, started: float,
                  done: float, actions: list[Callable[[], object]]) -> None:
         """Metrics now; the frame's messages are appended to ``actions`` (sent in order)."""
+        cam, send = frame.camera, self.publisher.send
+        result = result_payload(self.cfg.mqtt.device_id, frame, s, started, done)
+        self._count(cam, s, done - frame.received_at)
+        map_due = self.maps.due(cam, done)
+        if map_due:
+            result["map"] = True  # this frame's map goes out on <camera>/map
+        actions.append(functools.partial(send, f"{cam}/result", result))
         cal = pipeline.engines.calibration.get(s.expert)
-        decision = "uncalibrated" if s.anomalous is None else (
-            "anomalous" if s.anomalous else "normal")
-        latency = {k: round(v * 1000, 3) for k, v in s.timings.items()}
-        latency["queue"] = round((started - frame.received_at) * 1000, 3)
-        latency["total"] = round((done - frame.received_at) * 1000, 3)
-        result = {"device": self.cfg.mqtt.device_id, "camera": frame.camera,
-                  "frame": frame.frame_id, "sent_at": frame.sent_at,
-                  "received_at": frame.received_at, "scored_at": done, "expert": s.expert,
-                  "routing_distance": round(s.distance, 4), "unknown": s.unknown,
-                  "score_raw": round(s.raw_score, 4),
-                  "score": None if s.score is None else round(s.score, 6), "decision": decision,
-                  "latency_ms": latency}
-        cam = frame.camera
-        self.metrics.inc("frames_scored", camera=cam)
-        self.metrics.observe("total", done - frame.received_at)
-        for stage, v in s.timings.items():
-            self.metrics.observe(stage, v)
-        actions.append(functools.partial(self.publisher.send, f"{cam}/result", result))
         actions.append(functools.partial(self.scada.frame, result, cal and cal.threshold))
         if s.unknown:
-            self.metrics.inc("frames_unknown", camera=cam)
-            actions.append(functools.partial(self.publisher.send, f"{cam}/unknown", result))
-        interval = self.cfg.mqtt.map_interval
-        with self._map_lock:  # one map per interval and camera, whichever worker is first
-            map_due = interval > 0 and done - self._last_map.get(cam, 0.0) >= interval
-            if map_due:
-                self._last_map[cam] = done
-        amap = pipeline.anomaly_map(s.patch_nll) if (s.anomalous or map_due) else None
+            actions.append(functools.partial(send, f"{cam}/unknown", result))
+        if not (s.anomalous or map_due):
+            return
+        cal = pipeline.engines.calibration.get(s.expert)
+        amap = pipeline.anomaly_map(s.patch_nll)
         if s.anomalous:
-            boxes = regions(amap, cal.map_threshold)
-            if not boxes:  # the image score passed, no pixel did: report the hottest area
-                peak_level = 0.5 * (float(amap.max()) + float(np.median(amap)))
-                boxes = [dict(b, below_map_threshold=True) for b in regions(amap, peak_level)]
-            actions.append(functools.partial(self._alarm, cam, {**result, "regions": boxes}))
-        if map_due:
-            top = 2.0 * cal.map_threshold if cal else float(amap.max()) or 1.0
-            img = np.clip(amap / top * 255.0, 0, 255).astype(np.uint8)
-            ok, png = cv2.imencode(".png", img)
-            if ok:
-                actions.append(functools.partial(self.publisher.send, f"{cam}/map",
-                                                 png.tobytes()))
+            alarm = {**result, "regions": alarm_regions(amap, cal.map_threshold)}
+            alarm["evidence"] = self._evidence(frame, amap, cal, alarm, actions)
+            actions.append(functools.partial(self._alarm, cam, alarm))
+        png = map_png(amap, cal, frame, done) if map_due else None
+        if png is not None:
+            actions.append(functools.partial(send, f"{cam}/map", png))
+
+    def _count(self, camera: str, s: FrameScore, total: float) -> None:
+        self.metrics.inc("frames_scored", camera=camera)
+        self.metrics.observe("total", total)
+        for stage, v in s.timings.items():
+            self.metrics.observe(stage, v)
+        if s.unknown:
+            self.metrics.inc("frames_unknown", camera=camera)
+
+    def _evidence(self, frame: Frame, amap: np.ndarray, cal, alarm: dict,
+                  actions: list[Callable[[], object]]) -> dict | None:
+        """The alarm's evidence files (None when off or when they cannot be written: the
+        reason is logged, counted and reported, and the alarm goes out all the same)."""
+        snapshot = self.cfg.evidence.publish_snapshot
+        try:
+            evidence, jpeg = alarm_evidence(self.evidence, frame, amap, cal, alarm, snapshot)
+        except Exception as exc:  # noqa: BLE001 - evidence never costs an alarm
+            self._ingest_error("evidence_error", f"{frame.camera}/{frame.frame_id}: alarm sent "
+                                                 f"without evidence: {exc}")
+            return None
+        if jpeg is not None:
+            actions.append(functools.partial(self.publisher.send, f"{frame.camera}/snapshot",
+                                             jpeg))
+        return evidence
 
     def _alarm(self, camera: str, payload: dict) -> None:
         self.publisher.alarm(camera, payload)  # spooled first: none is lost
+        self.recent_alarms.append(payload)
         self.metrics.inc("alarms", camera=camera)

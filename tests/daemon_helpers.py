@@ -89,6 +89,7 @@ def daemon_config(engines, broker, tmp_path, endpoints, **extra):
     overrides = {"engines.path": str(engines), "mqtt.port": broker.port,
                  "mqtt.device_id": "line1", "ingest.endpoints": endpoints,
                  "spool.path": str(tmp_path / "spool.sqlite"), "metrics.port": 0,
+                 "evidence.folder": str(tmp_path / "evidence"),
                  "mqtt.map_interval": 0.0, **extra}
     return load_config(None, overrides)
 

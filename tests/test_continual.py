@@ -60,6 +60,7 @@ def test_run_folder_holds_everything(two_step_run):
     assert len(list((run / "router").glob("*.safetensors"))) == 2
     assert len(list((run / "scoring").glob("*.safetensors"))) == 2
     assert len(list((run / "overlays" / "alpha").glob("*.png"))) == 2
+    assert (run / "evaluation.png").is_file()  # ROC per class, AUROC per step
     with open(run / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["step"], r["class"]) for r in rows] == [("0", "alpha"), ("1", "alpha"), ("1", "beta")]

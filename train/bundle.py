@@ -6,7 +6,8 @@
     experts/task_000_<name>.safetensors   LoRA, input adapter, DIA of one task
     router/task_000_<name>.safetensors    router mean, precision, training distances
     scoring/task_000_<name>.safetensors   the expert's patch-NLL mean and std per grid position
-    training.log, metrics.csv, final_results.csv, overlays/<class>/*.png, cache/
+    training.log, metrics.csv, final_results.csv, evaluation.png (ROC, AUROC per step),
+    overlays/<class>/*.png, cache/
 
 Tensors are stored as data (safetensors), never as pickled modules. Files of a task are written
 once and never rewritten, so adding a task leaves the earlier experts byte-identical.

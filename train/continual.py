@@ -24,6 +24,7 @@ from moleflow.train.evaluate import ClassResult, evaluate_class, fit_norm, write
 from moleflow.train.features import FeatureStore, pooled
 from moleflow.train.flow import MoLEFlow
 from moleflow.measures import forgetting, mean_metrics
+from moleflow.plots import write_evaluation_plot
 from moleflow.train.router import PrototypeRouter, fit_prototype
 from moleflow.train.trainer import TrainReport, train_task
 
@@ -132,7 +133,9 @@ def evaluate_all(session: Session, data_root: Path | None) -> dict[str, ClassRes
     use_router = session.cfg.resolved_model().use_router
     ensure_norms(session, data_root)
     results = {}
-    for record in session.bundle.tasks:
+    tasks = session.bundle.tasks
+    for i, record in enumerate(tasks, 1):
+        log.info("evaluating %s (%d/%d), routed", record.name, i, len(tasks))
         data = _class_data(session, record.name, data_root)
         results[record.name] = evaluate_class(session.model, session.router if use_router else None,
                                               session.store, data, record.index, session.cfg.eval,
@@ -252,6 +255,10 @@ def finish(session: Session, results: dict[str, ClassResult]) -> None:
     for name, res in results.items():
         write_overlays(res, session.store, bundle.path / "overlays" / name,
                        session.cfg.eval.overlays_per_class)
+    steps, classes, matrix = metric_matrix(bundle, "image_auroc")
+    write_evaluation_plot(bundle.path / "evaluation.png",  # ROC per class, AUROC per step
+                          {n: (r.labels, r.scores, r.metrics.image_auroc)
+                           for n, r in results.items()}, steps, classes, matrix)
     log.info("final results (%d classes, routed):\n%s", len(results), format_table(rows))
 
 

@@ -15,6 +15,7 @@ from moleflow.data import ClassData
 from moleflow.train.features import FeatureStore, pooled
 from moleflow.train.flow import MoLEFlow
 from moleflow.measures import ClassMetrics, compute_class_metrics
+from moleflow.overlay import render_overlay
 from moleflow.train.router import PrototypeRouter
 from moleflow.train.trainer import patch_scores
 
@@ -89,24 +90,30 @@ def evaluate_class(model: MoLEFlow, router: PrototypeRouter | None, store: Featu
 
 def write_overlays(result: ClassResult, store: FeatureStore, folder: Path,
                    count: int) -> list[Path]:
-    """Heat-map overlays of the highest-scoring defective and good images of a class."""
+    """Overlays (moleflow.overlay) of the highest-scoring defective and good images of a class,
+    with the ground-truth outline. The contour marks the map threshold a calibration would
+    choose here: the 95th percentile of the good test images' map maxima (no calibration
+    exists yet at training time, so the banner shows the score without a decision)."""
     if count <= 0:
         return []
     folder.mkdir(parents=True, exist_ok=True)
     order = np.argsort(-result.scores)
     bad = [i for i in order if result.labels[i] == 1][: max(1, count - 1)]
     good = [i for i in order if result.labels[i] == 0][: count - len(bad)]
-    lo, hi = np.percentile(result.maps, 1), result.maps.max()
+    good_max = result.maps[result.labels == 0].reshape(int((result.labels == 0).sum()), -1)
+    map_threshold = float(np.quantile(good_max.max(axis=1), 0.95) if len(good_max)
+                          else np.percentile(result.maps, 99))
+    chosen = bad + good
+    masks = store.masks(result.data)
+    images = store.images_of([result.data.test[i].path for i in chosen])
     written = []
-    for i in bad + good:
+    for image, i in zip(images, chosen):
         item = result.data.test[i]
-        image = store.images_of([item.path])[0]
-        heat = np.clip((result.maps[i] - lo) / max(hi - lo, 1e-6), 0, 1)
-        colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
-        blend = cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), 0.55, colour, 0.45, 0)
-        label = f"{item.defect} score {result.scores[i]:.1f}"
-        cv2.putText(blend, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
+        img = render_overlay(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), result.maps[i],
+                             map_threshold=map_threshold, score=float(result.scores[i]),
+                             threshold=None, regions=[], label=str(item.defect),
+                             ground_truth=masks[i] if masks[i].any() else None)
         path = folder / f"{item.defect}_{item.path.stem}.png"
-        cv2.imwrite(str(path), blend)
+        cv2.imwrite(str(path), img)
         written.append(path)
     return written

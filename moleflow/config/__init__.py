@@ -7,12 +7,12 @@
 from moleflow.config.loading import describe, documented_yaml, load_config, parse_config
 from moleflow.config.options import ConfigError, opt
 from moleflow.config.schema import Config
-from moleflow.config.serving import (EnginesConfig, IngestConfig, LoggingConfig, MetricsConfig,
-                                     MqttConfig, SpoolConfig)
+from moleflow.config.serving import (EnginesConfig, EvidenceConfig, IngestConfig, LoggingConfig,
+                                     MetricsConfig, MqttConfig, SpoolConfig)
 from moleflow.config.training import (PRESETS, BackboneConfig, CalibrationConfig, DataConfig,
                                       EvalConfig, ModelConfig, RouterConfig, TrainConfig)
 
 __all__ = ["PRESETS", "BackboneConfig", "CalibrationConfig", "Config", "ConfigError", "DataConfig",
-           "EnginesConfig", "EvalConfig", "IngestConfig", "LoggingConfig", "MetricsConfig",
-           "ModelConfig", "MqttConfig", "RouterConfig", "SpoolConfig", "TrainConfig", "describe",
-           "documented_yaml", "load_config", "opt", "parse_config"]
+           "EnginesConfig", "EvalConfig", "EvidenceConfig", "IngestConfig", "LoggingConfig",
+           "MetricsConfig", "ModelConfig", "MqttConfig", "RouterConfig", "SpoolConfig",
+           "TrainConfig", "describe", "documented_yaml", "load_config", "opt", "parse_config"]

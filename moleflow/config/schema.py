@@ -12,10 +12,26 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from moleflow.config.serving import (EnginesConfig, IngestConfig, LoggingConfig, MetricsConfig,
-                                     MqttConfig, SparkplugConfig, SpoolConfig)
-from moleflow.config.training import (PRESETS, BackboneConfig, CalibrationConfig, DataConfig,
-                                      EvalConfig, ModelConfig, RouterConfig, TrainConfig)
+from moleflow.config.serving import (
+    EnginesConfig,
+    EvidenceConfig,
+    IngestConfig,
+    LoggingConfig,
+    MetricsConfig,
+    MqttConfig,
+    SparkplugConfig,
+    SpoolConfig,
+)
+from moleflow.config.training import (
+    PRESETS,
+    BackboneConfig,
+    CalibrationConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    RouterConfig,
+    TrainConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     sparkplug: SparkplugConfig = field(default_factory=SparkplugConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

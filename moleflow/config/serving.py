@@ -1,4 +1,4 @@
-"""The edge side's sections: cameras, engines, MQTT, spool, metrics, logging."""
+"""The edge side's sections: cameras, engines, MQTT, spool, evidence, metrics, logging."""
 
 from __future__ import annotations
 
@@ -91,6 +91,22 @@ class SpoolConfig:
                                                        "broker is away")
     max_alarms: int = opt(100000, "alarms kept at most (oldest dropped and counted beyond)",
                           min=10)
+
+
+@dataclass(frozen=True)
+class EvidenceConfig:
+    folder: str = opt("/var/lib/moleflow/evidence", "folder where each alarm's frame and its "
+                      "overlay are kept as JPEG (served at /evidence/<name>); empty string: "
+                      "no evidence files")
+    max_files: int = opt(2000, "evidence files kept at most (two per alarm); the oldest alarm's "
+                         "files go first", min=2)
+    max_age_s: float = opt(7 * 86400.0, "evidence older than this is deleted (seconds)",
+                           min=1.0)
+    max_bytes: int = opt(500 << 20, "evidence files take at most this many bytes together",
+                         min=1 << 20)
+    publish_snapshot: bool = opt(False, "also publish each alarm's overlay JPEG on "
+                                 "<camera>/snapshot (QoS 0)")
+    jpeg_quality: int = opt(85, "JPEG quality of the evidence images", min=10, max=100)
 
 
 @dataclass(frozen=True)
