@@ -27,7 +27,8 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from moleflow.config import Config, ConfigError
 

@@ -5,7 +5,8 @@ Sparkplug B output (``moleflow.edge.sparkplug``, imported only when ``sparkplug.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from moleflow.edge.commands import CameraProducts, Commands, parse_products
 

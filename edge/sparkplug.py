@@ -33,7 +33,8 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from moleflow.config import Config, MqttConfig
 from moleflow.errors import MoleflowError

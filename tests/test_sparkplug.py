@@ -186,6 +186,8 @@ def test_sparkplug_births_data_and_deaths_decoded_by_tahu(engine_set, broker, tm
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
         client.connect("127.0.0.1", broker.port)
         client.loop_start()
+        for hostile in (b"\xff\x00not protobuf", b"\x0a" * 5000):  # ignored, logged
+            client.publish(f"{base}/NCMD/{NODE}", hostile, qos=0).wait_for_publish(5)
         client.publish(f"{base}/NCMD/{NODE}", rebirth, qos=0).wait_for_publish(5)
         client.loop_stop()
         client.disconnect()
@@ -214,3 +216,46 @@ def test_sparkplug_without_its_extra_says_which_to_install(tmp_path):
         "try:\n    payload_module()\nexcept Exception as exc:\n    print(exc)\n"))
     assert "sparkplug.enabled needs the 'sparkplug' extra" in out.stdout, out.stderr
     assert "moleflow-edge[sparkplug]" in out.stdout
+
+
+class Recorder:
+    """Stands in for the paho client: records what the node publishes."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    def publish(self, topic, payload, qos=0, retain=False):
+        self.sent.append((topic, payload))
+        return type("Info", (), {"rc": 0})()
+
+
+def test_ddata_throttle_keeps_anomalous_frames_and_seq_wraps(tmp_path):
+    from moleflow.config import load_config
+    from moleflow.edge.metrics import Metrics
+    from moleflow.edge.sparkplug import SparkplugNode, payload_module
+    cfg = load_config(None, {"sparkplug.enabled": True, "sparkplug.min_interval": 3600.0,
+                             "spool.path": str(tmp_path / "spool.sqlite")})
+    node = SparkplugNode(cfg, {"experts": ["a"]}, Metrics())
+    node.client = Recorder()
+    node.connected.set()
+    node._need_birth = True
+
+    def frame(i: int, decision: str) -> None:
+        node.frame({"camera": "c", "frame": str(i), "score": 0.1, "score_raw": 1.0,
+                    "expert": "a", "unknown": False, "decision": decision}, 2.0)
+
+    frame(0, "normal")                       # NBIRTH, DBIRTH with this frame
+    for i in range(1, 600):                  # throttled: only the anomalous ones go out
+        frame(i, "anomalous" if i % 2 else "normal")
+    pb = payload_module()
+    decoded = [(t.split("/")[2], pb.Payload.FromString(p)) for t, p in node.client.sent]
+    assert [k for k, _ in decoded[:2]] == ["NBIRTH", "DBIRTH"]
+    data = [p for k, p in decoded[2:]]
+    assert all(k == "DDATA" for k, _ in decoded[2:]) and len(data) == 300
+    assert [int({m.name: m for m in p.metrics}["frame"].string_value) for p in data] == \
+        list(range(1, 600, 2))
+    last = {m.name: m for m in data[-1].metrics}
+    assert (last["frames"].long_value, last["alarms"].long_value) == (600, 300)
+    seqs = [p.seq for _, p in decoded]
+    assert seqs == [i % 256 for i in range(len(seqs))] and 0 in seqs[1:]  # wrapped past 255
+    assert (tmp_path / "sparkplug-bdseq").read_text() == "1\n"  # the next start's bdSeq
