@@ -11,7 +11,6 @@ from pathlib import Path
 
 from moleflow.config import Config, ConfigError
 from moleflow.edge.commands import check_products
-from moleflow.edge.commands import check_products
 from moleflow.engines.pipeline import EngineSet, Pipeline
 from moleflow.engines.runtime import limit_library_threads, parallelism
 
@@ -42,7 +41,6 @@ def load_engines(cfg: Config) -> Pipeline:
     limit_library_threads(threads)
     engines = EngineSet.open(Path(cfg.engines.path), backend=cfg.engines.backend,
                              precision=cfg.engines.precision, threads=threads)
-    check_products(cfg, engines.expert_names())  # ingest.products: each one an expert
     check_products(cfg, engines.expert_names())  # ingest.products: each one an expert
     pipeline = Pipeline(engines, with_maps=False)  # maps only for alarms and due map messages
     started = time.perf_counter()
