@@ -2,8 +2,8 @@
 
     ingest thread --frames--> bounded queue (drops the oldest when full) --> scoring workers
     each worker: batch of waiting frames -> Pipeline (backbone, router, expert, map, decision)
-                 -> result / alarm / map / unknown on MQTT (edge.messages), metrics,
-                    each alarm's frame and overlay saved as evidence (edge.evidence)
+                 -> result / alarm / map / unknown on MQTT, metrics, each alarm's
+                    frame and overlay saved as evidence (edge.outbox, messages, evidence)
     main thread: watchdog ping while every worker is alive, engine-set reloads
 
 On a CPU the workers are one per core, each running its batch through single-threaded graphs
@@ -20,7 +20,6 @@ between two batches, so a new product expert goes live while frames keep flowing
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 import threading
@@ -31,22 +30,20 @@ import numpy as np
 
 from moleflow import __version__
 from moleflow.config import Config, ConfigError
-from moleflow.edge.evidence import EvidenceStore
 from moleflow.edge.frames import Frame, FrameError, decode
 from moleflow.edge.health import assess
 from moleflow.edge.http import serve_http
 from moleflow.edge.ingest import Ingest, Message
 from moleflow.edge.lifecycle import load_engines, sd_notify
 from moleflow.edge.logs import Throttle
-from moleflow.edge.messages import (MapThrottle, alarm_evidence, alarm_regions, map_png,
-                                    result_payload)
 from moleflow.edge.metrics import Metrics
+from moleflow.edge.outbox import Outbox
 from moleflow.edge.publisher import Publisher
 from moleflow.edge.queueing import FairQueue
 from moleflow.edge.scada import Scada
 from moleflow.edge.spool import AlarmSpool
 from moleflow.edge.webstate import web_source
-from moleflow.engines.pipeline import FrameScore, Pipeline
+from moleflow.engines.pipeline import Pipeline
 from moleflow.engines.runtime import parallelism
 
 log = logging.getLogger("moleflow.daemon")
@@ -69,9 +66,6 @@ class Daemon:
         self.stopping = threading.Event()
         self._reload_pending = threading.Event()
         self._wake = threading.Event()  # the main loop's: a reload or a stop is asked for
-        self.maps = MapThrottle(cfg.mqtt.map_interval)
-        self.evidence = EvidenceStore(cfg.evidence)  # alarm frames + overlays (the web page's)
-        self.recent_alarms: collections.deque[dict] = collections.deque(maxlen=50)
         self.workers, _ = parallelism(cfg.engines.backend, cfg.engines.workers,
                                       cfg.engines.threads)
         self._heartbeat = [time.monotonic()] * self.workers  # each worker's last loop start
@@ -81,6 +75,9 @@ class Daemon:
         self._order_lock = threading.Lock()
         self.ingest = Ingest(cfg.ingest, self._enqueue, self._ingest_error)
         self.scada = Scada(self)  # camera products, cmd/ topics, Sparkplug B (edge.scada)
+        self.outbox = Outbox(cfg, self.metrics, self.publisher, self.scada, self._ingest_error)
+        self.evidence = self.outbox.evidence            # the web page reads these two
+        self.recent_alarms = self.outbox.recent_alarms
         self.metrics.collectors.append(lambda: self._gauges(self.health()))
         self._metrics_server = None
 
@@ -337,7 +334,7 @@ class Daemon:
         done = time.time()
         for frame, score in zip(batch, scores):
             try:
-                self._publish(pipeline, frame, score, started, done, actions)
+                self.outbox.frame(pipeline, frame, score, started, done, actions)
             except Exception as exc:  # noqa: BLE001 - one frame's fault costs only that frame
                 self.metrics.inc("errors", kind="publish")
                 log.exception("preparing the messages of %s/%s failed", frame.camera,
@@ -346,58 +343,3 @@ class Daemon:
                     self.publisher.send, "events",
                     {"event": "publish_error", "detail": repr(exc), "camera": frame.camera,
                      "frames": [frame.frame_id], "time": time.time()}))
-
-    def _publish(self, pipeline: Pipeline, frame: Frame, s: FrameScore, started: float,
-                 done: float, actions: list[Callable[[], object]]) -> None:
-        """Metrics now; the frame's messages are appended to ``actions`` (sent in order)."""
-        cam, send = frame.camera, self.publisher.send
-        result = result_payload(self.cfg.mqtt.device_id, frame, s, started, done)
-        self._count(cam, s, done - frame.received_at)
-        map_due = self.maps.due(cam, done)
-        if map_due:
-            result["map"] = True  # this frame's map goes out on <camera>/map
-        actions.append(functools.partial(send, f"{cam}/result", result))
-        cal = pipeline.engines.calibration.get(s.expert)
-        actions.append(functools.partial(self.scada.frame, result, cal and cal.threshold))
-        if s.unknown:
-            actions.append(functools.partial(send, f"{cam}/unknown", result))
-        if not (s.anomalous or map_due):
-            return
-        cal = pipeline.engines.calibration.get(s.expert)
-        amap = pipeline.anomaly_map(s.patch_nll)
-        if s.anomalous:
-            alarm = {**result, "regions": alarm_regions(amap, cal.map_threshold)}
-            alarm["evidence"] = self._evidence(frame, amap, cal, alarm, actions)
-            actions.append(functools.partial(self._alarm, cam, alarm))
-        png = map_png(amap, cal, frame, done) if map_due else None
-        if png is not None:
-            actions.append(functools.partial(send, f"{cam}/map", png))
-
-    def _count(self, camera: str, s: FrameScore, total: float) -> None:
-        self.metrics.inc("frames_scored", camera=camera)
-        self.metrics.observe("total", total)
-        for stage, v in s.timings.items():
-            self.metrics.observe(stage, v)
-        if s.unknown:
-            self.metrics.inc("frames_unknown", camera=camera)
-
-    def _evidence(self, frame: Frame, amap: np.ndarray, cal, alarm: dict,
-                  actions: list[Callable[[], object]]) -> dict | None:
-        """The alarm's evidence files (None when off or when they cannot be written: the
-        reason is logged, counted and reported, and the alarm goes out all the same)."""
-        snapshot = self.cfg.evidence.publish_snapshot
-        try:
-            evidence, jpeg = alarm_evidence(self.evidence, frame, amap, cal, alarm, snapshot)
-        except Exception as exc:  # noqa: BLE001 - evidence never costs an alarm
-            self._ingest_error("evidence_error", f"{frame.camera}/{frame.frame_id}: alarm sent "
-                                                 f"without evidence: {exc}")
-            return None
-        if jpeg is not None:
-            actions.append(functools.partial(self.publisher.send, f"{frame.camera}/snapshot",
-                                             jpeg))
-        return evidence
-
-    def _alarm(self, camera: str, payload: dict) -> None:
-        self.publisher.alarm(camera, payload)  # spooled first: none is lost
-        self.recent_alarms.append(payload)
-        self.metrics.inc("alarms", camera=camera)
