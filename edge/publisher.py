@@ -2,7 +2,8 @@
 
 Topics under ``<prefix>/<device_id>``: ``status`` (retained; ``online`` on connect,
 ``offline`` as the last will and on a clean stop), ``<camera>/result`` (QoS 0),
-``<camera>/alarm`` (QoS 1, spooled), ``<camera>/map`` (PNG), ``<camera>/unknown``, ``events``.
+``<camera>/alarm`` (QoS 1, spooled), ``<camera>/map`` (PNG), ``<camera>/unknown``,
+``<camera>/snapshot`` (JPEG), ``events``.
 The client reconnects on its own (``connect_async`` + ``loop_start``, back-off 1–30 s).
 
 Alarms are written to the spool first and deleted when the broker has acknowledged them; one
