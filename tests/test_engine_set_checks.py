@@ -231,3 +231,10 @@ def test_older_manifest_without_the_light_setting_scores_as_before(engine_set, c
     before, now = (Pipeline(EngineSet.open(root, with_calibration=False)).score(frames)
                    for root in (copy, engine_set))
     assert [f.raw_score for f in before] == [f.raw_score for f in now]
+
+
+def test_validate_config_checks_camera_products_against_the_set(engine_set, tmp_path, capsys):
+    rc, err = validate(engine_set, tmp_path, capsys, "ingest:\n  products: [cam0=alpha]\n")
+    assert rc == 0, err
+    rc, err = validate(engine_set, tmp_path, capsys, "ingest:\n  products: [cam0=gamma]\n")
+    assert rc == 2 and "ingest.products" in err and "gamma" in err, err

@@ -48,6 +48,8 @@ def _validate_engines(cfg, root: Path) -> int:
     from moleflow.engines.runtime import parallelism
     _, threads = parallelism(cfg.engines.backend, cfg.engines.workers, cfg.engines.threads)
     engines = validate_engine_set(root, cfg.engines.backend, cfg.engines.precision, threads)
+    from moleflow.edge.commands import check_products
+    check_products(cfg, list(engines.experts))  # ingest.products name experts of this set
     if engines.uncalibrated:
         print(f"moleflow: WARNING: expert(s) {', '.join(engines.uncalibrated)} of {root} have no "
               "calibration for their graph: no alarm will be raised for their frames (run "
