@@ -4,8 +4,8 @@ named by its key; and the documented default file (``config.yaml``)."""
 from __future__ import annotations
 
 import dataclasses
-import typing
 import types
+import typing
 from pathlib import Path
 from typing import Any
 

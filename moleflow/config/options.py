@@ -3,8 +3,7 @@ description and bounds (read by the loader's checks and by ``moleflow config --d
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from moleflow.errors import MoleflowError

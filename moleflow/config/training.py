@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from moleflow.config.options import opt
 
-
 PRESETS: dict[str, dict[str, bool]] = {
     "full": {},
     "wo_lora": {"use_lora": False},
