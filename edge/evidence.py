@@ -92,6 +92,8 @@ class EvidenceStore:
                             "will go out without evidence files", self.folder,
                             self.folder if self.folder.exists() else parent)
             return
+        for tmp in self.folder.glob(".*.jpg.tmp"):  # a write cut short by a crash
+            _unlink(tmp)
         for mtime, size, name in sorted(found):
             stem = _NAME.match(name).group(1)
             item = self._items.get(stem)

@@ -137,8 +137,10 @@ def test_retention_by_age_and_bytes_and_across_restarts(tmp_path):
     os.utime(stale, (time.time() - 1000, time.time() - 1000))
     other = folder / "notes.txt"
     other.write_text("not evidence")
+    cut_short = folder / ".cam-1-x-frame.jpg.tmp"
+    cut_short.write_bytes(b"\xff\xd8")
     again = EvidenceStore(_cfg(folder, max_age_s=100.0))
-    assert not stale.exists() and other.exists()
+    assert not stale.exists() and not cut_short.exists() and other.exists()
     assert again.path_of(fresh["overlay"]) == folder / fresh["overlay"]
     assert again.path_of("notes.txt") is None
     # bytes: each alarm here is two ~12 kB JPEGs; a bound of 2.5 alarms keeps the newest two
