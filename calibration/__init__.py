@@ -1,1 +1,1 @@
-"""calibration package (see ARCHITECTURE.md)."""
+"""calibration package (see docs/architecture.md)."""

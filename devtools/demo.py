@@ -126,7 +126,7 @@ def replay(engines: Path, data_root: Path, classes: list[str], cfg: Config, out:
             workers, _ = parallelism(cfg.engines.backend, cfg.engines.workers,
                                      cfg.engines.threads)
             window = min(workers * cfg.ingest.max_batch, cfg.ingest.queue_size)
-            for i, (path, name, label) in enumerate(frames):
+            for i, (path, _name, _label) in enumerate(frames):
                 deadline = time.time() + 60
                 while time.time() < deadline:
                     with lock:

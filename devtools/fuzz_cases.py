@@ -14,7 +14,7 @@ import json
 import re
 import random
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import yaml
 
@@ -55,7 +55,7 @@ class Mosquitto:
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Mosquitto":
+    def start(self) -> Mosquitto:
         self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.time() + 10
@@ -95,7 +95,7 @@ class Served(int):
     folder: Path
 
     @classmethod
-    def of(cls, port: int, daemon: subprocess.Popen, folder: Path) -> "Served":
+    def of(cls, port: int, daemon: subprocess.Popen, folder: Path) -> Served:
         out = cls(port)
         out.daemon, out.folder = daemon, folder
         return out

@@ -1,1 +1,1 @@
-"""edge package (see ARCHITECTURE.md)."""
+"""edge package (see docs/architecture.md)."""

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from moleflow.config import ConfigError, IngestConfig
 from moleflow.edge.frames import MAX_HEADER_BYTES, parse_msg

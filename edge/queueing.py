@@ -11,7 +11,8 @@ metric series labelled by camera. Not thread-safe by itself: the daemon holds it
 from __future__ import annotations
 
 import collections
-from typing import Generic, Hashable, TypeVar
+from typing import Generic, TypeVar
+from collections.abc import Hashable
 
 T = TypeVar("T")
 UNPARSED = "?"  # messages whose header names no camera: admitted, so decoding reports them

@@ -1,1 +1,1 @@
-"""engines package (see ARCHITECTURE.md)."""
+"""engines package (see docs/architecture.md)."""

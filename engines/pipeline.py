@@ -53,7 +53,7 @@ class RuntimeRouter:
     precisions: np.ndarray      # (T, D, D)
 
     @classmethod
-    def load(cls, path: Path, dim: int) -> "RuntimeRouter":
+    def load(cls, path: Path, dim: int) -> RuntimeRouter:
         """From ``router.npz`` of ``dim``-channel features, its arrays' shapes checked."""
         z = load_npz(path, ("names", "means", "precisions"))
         names, means, precisions = z["names"], z["means"], z["precisions"]
@@ -88,7 +88,7 @@ class EngineSet:
     @classmethod
     def open(cls, root: Path, backend: str = "onnxruntime", precision: str = "fp32",
              threads: int = 0, experts: list[str] | None = None,
-             with_calibration: bool = True, warn: bool = True) -> "EngineSet":
+             with_calibration: bool = True, warn: bool = True) -> EngineSet:
         """Load (a subset of) the engine set at ``root``, verifying every file's sha256
         (``with_calibration`` False: without its calibration, as ``calibrate`` does, which
         fits it anew). Experts left without a valid calibration never raise an alarm
@@ -336,7 +336,7 @@ class Pipeline:
             for b in list(range(1, max_batch + 1)) + list(range(max_batch, 0, -1)):
                 for name in names:
                     frames = np.zeros((b, size, size, 3), np.uint8)
-                    list(pool.map(lambda _: self.score(frames, [name] * b), range(workers)))
+                    list(pool.map(lambda _, f=frames, h=[name] * b: self.score(f, h), range(workers)))
 
     def score(self, images: np.ndarray, hints: list[str | None] | None = None) -> list[FrameScore]:
         """Score a batch of frames end to end (frames of one expert share one expert call).

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
+from collections.abc import Callable
 
 import numpy as np
 

@@ -43,7 +43,7 @@ class FileRef:
     bytes: int | None = None
 
     @classmethod
-    def of(cls, root: Path, path: Path) -> "FileRef":
+    def of(cls, root: Path, path: Path) -> FileRef:
         return cls(path.relative_to(root).as_posix(), sha256_of(path), path.stat().st_size)
 
 
@@ -81,7 +81,7 @@ class Manifest:
         tmp.replace(root / MANIFEST)
 
     @classmethod
-    def load(cls, root: Path) -> "Manifest":
+    def load(cls, root: Path) -> Manifest:
         path = Path(root) / MANIFEST
         if not path.is_file():
             raise EngineSetError(f"{root} is not an engine set (no {MANIFEST}): create one with "

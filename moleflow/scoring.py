@@ -90,7 +90,7 @@ class PositionNorm:
     FLOOR = 0.1
 
     @classmethod
-    def fit(cls, grids: np.ndarray) -> "PositionNorm":
+    def fit(cls, grids: np.ndarray) -> PositionNorm:
         """Statistics of patch-NLL grids (N, h, w) of normal images (N >= 2)."""
         g = np.asarray(grids, dtype=np.float64)
         if g.ndim != 3 or len(g) < 2 or not np.all(np.isfinite(g)):
@@ -100,7 +100,7 @@ class PositionNorm:
         return cls(g.mean(axis=0).astype(np.float32), np.maximum(std, floor).astype(np.float32))
 
     @classmethod
-    def from_arrays(cls, arrays: dict, where: str = "") -> "PositionNorm":
+    def from_arrays(cls, arrays: dict, where: str = "") -> PositionNorm:
         """From ``to_arrays``' dict; ``where`` (a file) prefixes the error of a bad one."""
         prefix = f"{where}: " if where else ""
         try:

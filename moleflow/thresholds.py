@@ -188,7 +188,7 @@ class Calibration:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "Calibration":
+    def load(cls, path: Path) -> Calibration:
         if not path.is_file():
             return cls()
         try:

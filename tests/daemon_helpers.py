@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import urllib.request
+
+import urllib.error
+
 import json
 import threading
 import time
@@ -135,3 +139,30 @@ class PushCamera:
 
     def close(self) -> None:
         self.ctx.destroy(linger=0)
+
+
+def strict_loads(payload: bytes):
+    """A parser that refuses NaN/Infinity, as strict SCADA clients do."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(payload, parse_constant=refuse)
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def healthz(port: int) -> dict:
+    """The daemon's /healthz document ({} while its endpoint is not up yet)."""
+    try:
+        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz",
+                                                 timeout=5).read())
+    except urllib.error.HTTPError as err:  # 503 carries the same document
+        return json.loads(err.read())
+    except urllib.error.URLError:
+        return {}

@@ -1,65 +1,29 @@
 """The daemon under hostile input and faults, against real Mosquitto and real ZeroMQ sockets:
-crafted messages that used to kill ingest or a batch, the MQTT message-id wrap, a spool that
-cannot be written, silent broker/TLS failures, bounded cameras and connections, CURVE."""
+crafted messages that used to kill ingest or a batch, bounded cameras and connections, CURVE,
+a bad reload, a busy metrics port, a dead ingest thread. The publisher and spool under faults:
+test_publisher_faults.py; broker and TLS failures: test_broker_failures.py."""
 
 from __future__ import annotations
 
 import json
-import logging
-import signal
-import sqlite3
-import subprocess
-import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import cv2
 import pytest
 
 from moleflow.config import load_config
-from moleflow.edge.daemon import Daemon
-from moleflow.edge.health import assess
-from moleflow.edge.publisher import Publisher, strict_json
 from moleflow.edge.queueing import FairQueue
-from moleflow.edge.spool import AlarmSpool
 from moleflow.data import load_class
 
-from tests.daemon_helpers import (Broker, Listener, PushCamera, Running, check_payload,
-                                  daemon_config, free_port, raw_frame)
+from tests.daemon_helpers import (Listener, PushCamera, Running, check_payload,
+                                  daemon_config, free_port, healthz, raw_frame, strict_loads,
+                                  wait_until)
 
 pytestmark = pytest.mark.mosquitto
 
 zmq = pytest.importorskip("zmq", reason="pyzmq is part of the edge extra")
-import zmq.auth  # noqa: E402 (after the skip)
-
-
-def strict_loads(payload: bytes):
-    """A parser that refuses NaN/Infinity, as strict SCADA clients do."""
-    def refuse(name):
-        raise ValueError(f"{name} is not JSON")
-    return json.loads(payload, parse_constant=refuse)
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
-def healthz(port: int) -> dict:
-    """The daemon's /healthz document ({} while its endpoint is not up yet)."""
-    try:
-        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz",
-                                                 timeout=5).read())
-    except urllib.error.HTTPError as err:  # 503 carries the same document
-        return json.loads(err.read())
-    except urllib.error.URLError:
-        return {}
+zmq_auth = pytest.importorskip("zmq.auth", reason="pyzmq is part of the edge extra")
 
 
 # ----- crafted messages -----------------------------------------------------------------------
@@ -173,228 +137,6 @@ def test_a_flooding_camera_cannot_starve_a_slow_one() -> None:
     assert allowed.admits("a") and not allowed.admits("b") and allowed.admits("?")
 
 
-# ----- MQTT: message-id wrap, spool faults ---------------------------------------------------
-def make_publisher(broker_port: int, tmp_path: Path, **spool_kw) -> Publisher:
-    cfg = load_config(None, {"mqtt.port": broker_port, "mqtt.device_id": "line9"}).mqtt
-    spool = AlarmSpool(tmp_path / "spool.sqlite", **spool_kw)
-    pub = Publisher(cfg, spool, {"experts": []})
-    pub.start()
-    assert pub.connected.wait(10)
-    return pub
-
-
-def test_alarms_stay_spooled_until_acknowledged_after_70000_qos0_messages(broker, tmp_path):
-    """paho's 16-bit message ids wrap after 65,535 messages; QoS 0 results must never be
-    mistaken for an alarm's acknowledgement (a paused broker acknowledges nothing)."""
-    listener = Listener(broker.port, "moleflow/line9/+/alarm")
-    pub = make_publisher(broker.port, tmp_path)
-    try:
-        for i in range(70_500):
-            assert pub.send("cam/result", b'{"n": %d}' % i)
-        pub.client.publish("moleflow/line9/flush", b"", qos=1).wait_for_publish(30)
-        broker.proc.send_signal(signal.SIGSTOP)
-        try:
-            for i in range(3):
-                pub.alarm("cam", {"frame": str(i), "time": time.time()})
-            time.sleep(3.0)
-            assert len(pub.spool) == 3  # nothing acknowledged: nothing forgotten
-            assert pub.metrics.total("alarms_delivered") == 0
-        finally:
-            broker.proc.send_signal(signal.SIGCONT)
-        wait_until(lambda: len(pub.spool) == 0, 30, "alarms acknowledged after SIGCONT")
-        got = listener.wait_for("/alarm", 3)
-        assert sorted(a["frame"] for a in got)[:3] == ["0", "1", "2"]
-    finally:
-        pub.stop()
-        listener.close()
-
-
-class FullDisk:
-    """An sqlite connection whose statements starting with ``fail`` raise as on a full or
-    failing filesystem (what sqlite3 raises then)."""
-
-    def __init__(self, db, fail: tuple[str, ...] = ("INSERT",),
-                 error: str = "database or disk is full") -> None:
-        self.db, self.fail, self.error = db, fail, error
-
-    def execute(self, sql, *args):
-        if sql.startswith(self.fail):
-            raise sqlite3.OperationalError(self.error)
-        return self.db.execute(sql, *args)
-
-    def close(self):
-        self.db.close()
-
-
-def test_a_full_spool_still_publishes_counts_and_reports(broker, tmp_path, caplog):
-    listener = Listener(broker.port, "moleflow/line9/#")
-    pub = make_publisher(broker.port, tmp_path)
-    pub.spool._db = FullDisk(pub.spool._db)
-    try:
-        with caplog.at_level(logging.ERROR, logger="moleflow.mqtt"):
-            for i in range(5):
-                pub.alarm("cam", {"frame": str(i), "time": time.time()})
-        got = listener.wait_for("cam/alarm", 5)
-        assert [a["frame"] for a in got] == ["0", "1", "2", "3", "4"]
-        assert pub.metrics.total("alarms_unspooled") == 5
-        wait_until(lambda: pub.metrics.total("alarms_delivered") == 5, 10, "acknowledged")
-        assert "database or disk is full" in caplog.text
-        assert listener.wait_for("/events", 1)[0]["event"] == "spool_error"
-        health = pub.health()["spool"]
-        assert not health["ok"] and "disk is full" in health["error"]
-        assert health["memory_alarms"] == 0
-    finally:
-        pub.stop()
-        listener.close()
-
-
-def test_a_failing_delete_keeps_mqtt_alive_and_reconnecting(broker, tmp_path):
-    """An acknowledgement whose delete fails used to raise on paho's network thread (no more
-    reconnects). Now the alarm stays spooled (sent again, not lost) and the client reconnects."""
-    listener = Listener(broker.port, "moleflow/line9/+/alarm")
-    pub = make_publisher(broker.port, tmp_path)
-    pub.spool._db = FullDisk(pub.spool._db, fail=("DELETE",), error="disk I/O error")
-    try:
-        pub.alarm("cam", {"frame": "d1"})
-        listener.wait_for("/alarm", 1)
-        wait_until(lambda: pub.metrics.value("errors", kind="spool") >= 1, 10, "delete failed")
-        assert pub.threads_alive() == {"spool-pump": True, "mqtt-network": True}
-        broker.stop()
-        wait_until(lambda: not pub.connected.is_set(), 10, "disconnect noticed")
-        broker.start()
-        assert pub.connected.wait(40), "MQTT did not reconnect"
-        assert len(pub.spool) == 1
-        listener.wait_for("/alarm", 2)  # published again on the new connection
-    finally:
-        pub.stop()
-        listener.close()
-
-
-def test_alarms_dropped_past_max_alarms_are_counted_and_logged(tmp_path, caplog):
-    cfg = load_config(None, {"mqtt.port": free_port()}).mqtt  # nobody listens: all spooled
-    pub = Publisher(cfg, AlarmSpool(tmp_path / "s.sqlite", max_alarms=10), {})
-    with caplog.at_level(logging.ERROR, logger="moleflow.mqtt"):
-        for i in range(13):
-            pub.alarm("cam", {"frame": str(i)})
-    assert len(pub.spool) == 10
-    assert pub.metrics.value("alarms_dropped", reason="spool_max_alarms") == 3
-    assert "spool.max_alarms 10" in caplog.text
-
-
-def test_payloads_are_strict_json() -> None:
-    text = strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}})
-    assert strict_loads(text.encode()) == {"a": None, "b": [1.0, None], "c": {"d": None}}
-
-
-# ----- health tells the truth -------------------------------------------------------------------
-def test_health_rules() -> None:
-    io = {"mqtt": {"connected": True, "error": None, "for_s": None},
-          "spool": {"ok": True, "error": None, "memory_alarms": 0}}
-    ok = assess({"ingest": True}, {"ingest": 0.1}, io, 100.0, [], False)
-    assert ok["status"] == "healthy" and ok["reasons"] == []
-    dead = assess({"ingest": False}, {"ingest": 0.1}, io, 100.0, [], False)
-    assert dead["status"] == "unhealthy" and "thread ingest is not running" in dead["reasons"]
-    stuck = assess({"ingest": True}, {"ingest": 12.0}, io, 100.0, [], False)
-    assert stuck["status"] == "unhealthy"
-    down = dict(io, mqtt={"connected": False, "error": "cannot connect", "for_s": 3})
-    assert assess({}, {}, down, 1.0, [], False)["status"] == "degraded"
-    assert assess({}, {}, io, 1.0, ["beta"], False)["reasons"] == [
-        "experts without calibration (no alarms): beta"]
-
-
-def tls_files(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for the name 'localhost' (not for 127.0.0.1), a client
-    certificate, and a second CA that signed none of them."""
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def sh(*args):
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-    for ca in ("ca", "other"):
-        sh("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}",
-           "-keyout", f"{ca}.key", "-out", f"{ca}.crt")
-    for name, cn in (("server", "localhost"), ("client", "camera-client")):
-        sh("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout",
-           f"{name}.key", "-out", f"{name}.csr")
-        (folder / f"{name}.ext").write_text(f"subjectAltName=DNS:{cn}\n")
-        sh("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-           "-CAcreateserial", "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext")
-    return {n: folder / n for n in ("ca.crt", "other.crt", "server.crt", "server.key",
-                                    "client.crt", "client.key")}
-
-
-@pytest.fixture()
-def tls_broker(tmp_path):
-    """Mosquitto with TLS that requires a client certificate signed by its CA."""
-    import shutil
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    files = tls_files(tmp_path / "tls")
-    b = Broker(tmp_path / "tls-mosquitto")
-    # run as root (CI), mosquitto would switch to its own user, who cannot read pytest's
-    # private temporary folders; elsewhere the option is ignored
-    b.conf.write_text(f"user root\nlistener {b.port} 127.0.0.1\nallow_anonymous true\n"
-                      f"cafile {files['ca.crt']}\ncertfile {files['server.crt']}\n"
-                      f"keyfile {files['server.key']}\nrequire_certificate true\n")
-    b.start()
-    yield b, files
-    b.stop()
-
-
-def health_says(mport: int, words: str, timeout: float = 30.0) -> dict:
-    doc: dict = {}
-
-    def check():
-        nonlocal doc
-        doc = healthz(mport)  # degraded: the daemon runs (not restarted), the broker is wrong
-        return doc.get("status") == "degraded" and any(words in r for r in doc["reasons"])
-    wait_until(check, timeout, f"/healthz naming {words!r}; last: {doc}")
-    return doc
-
-
-@pytest.mark.parametrize("case", ["wrong host", "wrong port", "wrong CA", "hostname mismatch"])
-def test_silent_broker_failures_are_logged_and_unhealthy(case, engine_set, tls_broker, tmp_path,
-                                                         caplog):
-    b, files = tls_broker
-    tls = {"mqtt.tls": True, "mqtt.cert_file": str(files["client.crt"]),
-           "mqtt.key_file": str(files["client.key"])}
-    extra = {"wrong host": {"mqtt.host": "broker.invalid"},
-             "wrong port": {"mqtt.port": free_port()},
-             "wrong CA": {**tls, "mqtt.ca_file": str(files["other.crt"])},
-             "hostname mismatch": {**tls, "mqtt.ca_file": str(files["ca.crt"])}}[case]
-    expect = {"wrong host": "cannot connect to broker.invalid", "wrong port": "Connection refused", "wrong CA": "CERTIFICATE_VERIFY_FAILED",
-              "hostname mismatch": "mismatch"}[case]
-    mport = free_port()
-    cfg = daemon_config(engine_set, b, tmp_path, [f"pull+tcp://127.0.0.1:{free_port()}"],
-                        **{"metrics.port": mport, **extra})
-    with caplog.at_level(logging.WARNING):
-        daemon = Daemon(cfg)
-        thread = threading.Thread(target=daemon.run, daemon=True)
-        thread.start()
-        try:
-            doc = health_says(mport, expect)
-            assert doc["status"] == "degraded" and not doc["mqtt"]["connected"], doc
-            assert expect in caplog.text
-        finally:
-            daemon.stop()
-            thread.join(30)
-
-
-def test_tls_client_certificate_connects(engine_set, tls_broker, tmp_path):
-    """The broker requires a client certificate: mqtt.cert_file/key_file give it; the server's
-    certificate names 'localhost', so that is the host (127.0.0.1 is the mismatch case)."""
-    b, files = tls_broker
-    cfg = load_config(None, {"mqtt.host": "localhost", "mqtt.port": b.port, "mqtt.tls": True,
-                             "mqtt.device_id": "line9", "mqtt.ca_file": str(files["ca.crt"]),
-                             "mqtt.cert_file": str(files["client.crt"]),
-                             "mqtt.key_file": str(files["client.key"])}).mqtt
-    pub = Publisher(cfg, AlarmSpool(tmp_path / "s.sqlite"), {})
-    pub.start()
-    try:
-        assert pub.connected.wait(15), pub.mqtt_fault.state()
-    finally:
-        pub.stop()
-
-
 def test_curve_lets_only_known_cameras_in(engine_set, broker, tmp_path, synthetic_root):
     """ingest.curve_secret_key + curve_clients: a camera with an allowed key is scored; one
     with another key is refused at the handshake and reported."""
@@ -410,11 +152,11 @@ def test_curve_lets_only_known_cameras_in(engine_set, broker, tmp_path, syntheti
                                    "ingest.curve_clients": str(keys / "clients")}))
     ctx = zmq.Context()
     bgr = cv2.imread(str(load_class(synthetic_root, "alpha").test[0].path))
-    server_public, _ = zmq.auth.load_certificate(keys / "server.key")
+    server_public, _ = zmq_auth.load_certificate(keys / "server.key")
 
     def camera(secret_file: Path):
         sock = ctx.socket(zmq.REQ)
-        sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(secret_file)
+        sock.curve_publickey, sock.curve_secretkey = zmq_auth.load_certificate(secret_file)
         sock.curve_serverkey = server_public
         sock.setsockopt(zmq.RCVTIMEO, 3000)
         sock.setsockopt(zmq.SNDTIMEO, 3000)  # a refused REQ socket has no peer to send to
@@ -517,7 +259,7 @@ def test_a_dead_ingest_thread_stops_the_watchdog(engine_set, broker, tmp_path, m
         try:
             while True:
                 server.recv(256)
-        except socket.timeout:
+        except TimeoutError:
             pass
         server.settimeout(3)
         with pytest.raises(socket.timeout):

@@ -31,7 +31,7 @@ def test_exported_pipeline_matches_pytorch_and_fp16_is_safe(real_engine_set):
         # NLL), and the image AUROC of the set's scores (standardised: a difference of NLLs
         # over a few nats, where the same NLL error weighs more) within 0.005 of FP32's unless
         # pairs that close alone move it: on these 32 images one swapped pair is 0.0042
-        # (`moleflow verify` on whole test sets: README).
+        # (`moleflow verify` on whole test sets: docs/results.md).
         assert c.fp16_nll_score_max_rel <= 1e-2, c.line()
         assert abs(c.fp16_image_auroc - c.onnx_image_auroc) <= max(0.005, c.fp16_tied_pairs), \
             c.line()
@@ -48,7 +48,7 @@ def test_calibration_thresholds_hold_on_unseen_normals(real_engine_set):
         # decisions are informative: defects are flagged more often than normal images
         assert r.detected / r.test_defective > r.false_alarms / r.test_good, r.line()
     # This small model (53 images, 10 epochs) is calibrated from 13 images per class, so only
-    # a loose bound holds here; the full-size false-alarm figures are in README (moleflow
+    # a loose bound holds here; the full-size false-alarm figures are in docs/results.md (moleflow
     # calibrate on the whole classes), and the estimator's rate is tested in test_calibration.
     false_alarms = sum(r.false_alarms for r in reports)
     assert false_alarms <= 3, "\n".join(r.line() for r in reports)

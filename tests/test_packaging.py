@@ -138,3 +138,14 @@ def test_demo_checks_the_data_before_touching_the_run_folder(tmp_path, capsys):
     assert main(["demo", "--run", str(run), "--data", str(tmp_path / "absent"), "--force"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert (run / "keep.txt").exists()
+
+
+def test_ruff_is_clean():
+    """The lint rules in pyproject.toml hold over the whole tree (ruff comes with '.[dev]')."""
+    import subprocess
+    import sys
+    ruff = pytest.importorskip("ruff", reason="ruff is a dev dependency ('.[dev]')")
+    assert ruff
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,7 +1,7 @@
 """A small end-to-end run on the real MVTec images in ../shared/data (skipped where absent).
 
 Few images and few epochs keep it to about a minute on two cores; it checks that the routed,
-continual pipeline detects real defects, not the full-size benchmark figures (see README).
+continual pipeline detects real defects, not the full-size benchmark figures (see docs/results.md).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.real_data, pytest.mark.slow]
 def test_routed_continual_run_on_real_images(real_run):
     run, _, results = real_run
     # The first task trains the whole flow and is held to a high bar; a later task adapts only
-    # its expert, which needs the full data and epochs to reach the README's figures (0.985 on
+    # its expert, which needs the full data and epochs to reach the figures in docs/results.md (0.985 on
     # transistor): on 53 images and 10 epochs it must still detect clearly above chance.
     bars = {"bottle": 0.95, "transistor": 0.8}
     for name, res in results.items():

@@ -79,7 +79,7 @@ class RunBundle:
     # ----- creation / opening ----------------------------------------------------------------
     @classmethod
     def create(cls, path: Path, config: Config, backbone_identity: str, dim: int,
-               grid: tuple[int, int]) -> "RunBundle":
+               grid: tuple[int, int]) -> RunBundle:
         path.mkdir(parents=True, exist_ok=True)
         bundle = cls(path, config, backbone_identity, dim, tuple(grid))
         (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -91,7 +91,7 @@ class RunBundle:
         return (path / "run.json").is_file()
 
     @classmethod
-    def open(cls, path: Path) -> "RunBundle":
+    def open(cls, path: Path) -> RunBundle:
         meta_path = path / "run.json"
         if not meta_path.is_file():
             raise RunError(f"{path} is not a run folder (no run.json): train a first task with "
