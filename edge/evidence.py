@@ -73,6 +73,7 @@ class EvidenceStore:
         self._items: OrderedDict[str, Item] = OrderedDict()  # oldest first
         self._files: dict[str, str] = {}                     # file name -> its item's stem
         self.saved = self.pruned = self.failed = 0
+        self._last = ("", 0)  # the last name's base and suffix number
         if self.folder is not None:
             self._adopt()
 
@@ -126,10 +127,14 @@ class EvidenceStore:
                    for kind, img in images.items()}
         with self._lock:
             base = f"{safe_part(camera)}-{safe_part(frame_id or 'frame')}-{stamp(when)}"
-            stem, n = base, 1
-            while stem in self._items:
+            # a name is never given twice, even after retention dropped its first owner
+            n = self._last[1] if self._last[0] == base else 0  # suffixes this base was given
+            while True:
                 n += 1
-                stem = f"{base}-{n}"
+                stem = base if n == 1 else f"{base}-{n}"
+                if stem not in self._items:  # nor kept from an earlier run
+                    break
+            self._last = (base, n)
             names = {kind: f"{stem}-{kind}.jpg" for kind in encoded}
             written: list[Path] = []
             path = self.folder
