@@ -31,33 +31,19 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from moleflow.config import Config, ConfigError
+from moleflow.names import camera_products, name_problem
 
 log = logging.getLogger("moleflow.commands")
 MAX_PAYLOAD = 4096      # a command is a few dozen bytes
 MAX_WAITING = 64        # commands queued while one is carried out
-NAME_CHARS = "-_."
-
-
-def name_problem(value: object, what: str) -> str | None:
-    """Why ``value`` is not a camera or product name (the ingest's camera-name characters)."""
-    if not isinstance(value, str):
-        return f"{what} must be a string, got {type(value).__name__}"
-    if not value or len(value) > 64 or not all(c.isalnum() or c in NAME_CHARS for c in value):
-        return f"{what} {value[:80]!r} must be 1..64 letters, digits, '-', '_' or '.'"
-    return None
 
 
 def parse_products(pairs: Sequence[str]) -> dict[str, str]:
-    """``["cam0=bottle", ...]`` -> ``{"cam0": "bottle"}`` (the config loader checked the form)."""
-    table: dict[str, str] = {}
-    for item in pairs:
-        camera, sep, product = (p.strip() for p in item.partition("="))
-        problem = ("must be camera=product" if not sep else
-                   name_problem(camera, "camera") or name_problem(product, "product"))
-        if problem or camera in table:
-            raise ConfigError(f"ingest.products: {item!r}: {problem or 'camera given twice'}")
-        table[camera] = product
-    return table
+    """``["cam0=bottle", ...]`` -> ``{"cam0": "bottle"}`` (a ConfigError naming the key)."""
+    try:
+        return camera_products(pairs)
+    except ValueError as exc:
+        raise ConfigError(f"ingest.products: {exc}") from exc
 
 
 def check_products(cfg: Config, experts: Sequence[str]) -> None:

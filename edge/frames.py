@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from moleflow.errors import MoleflowError
+from moleflow.names import MAX_NAME, NAME_CHARS
 
 
 class FrameError(MoleflowError, ValueError):
@@ -70,8 +71,8 @@ def parse_msg(msg: object) -> tuple[str, str, float | None, str | None]:
             parts = text.split("|")
             data = {"camera": parts[0], "frame": parts[1] if len(parts) > 1 else "",
                     "timestamp": parts[2] if len(parts) > 2 else None}
-    camera = str(data.get("camera") or "camera").strip()[:64] or "camera"
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in camera)
+    camera = str(data.get("camera") or "camera").strip()[:MAX_NAME] or "camera"
+    safe = "".join(c if c.isalnum() or c in NAME_CHARS else "_" for c in camera)
     stamp = _timestamp(data.get("timestamp", data.get("ts")))
     product = data.get("product")
     return safe, str(data.get("frame", data.get("frame_id", "")))[:128], stamp, \

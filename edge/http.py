@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import threading
 from collections.abc import Callable
@@ -28,6 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from moleflow.edge.wirejson import finite_values
 
 log = logging.getLogger("moleflow.http")
 WEB = Path(__file__).resolve().parent / "web"
@@ -51,24 +52,8 @@ class WebSource:
     metrics: Any                                # has render() -> str (and maybe content_type)
 
 
-def strict_json(value: Any) -> Any:
-    """``value`` with non-finite floats as None and numpy scalars/arrays as plain numbers/lists,
-    so the JSON routes always send strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    if hasattr(value, "tolist"):  # numpy scalar or array
-        return strict_json(value.tolist())
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    return str(value)
-
-
 def _json(doc: Any) -> bytes:
-    return json.dumps(strict_json(doc), allow_nan=False, separators=(",", ":")).encode()
+    return json.dumps(finite_values(doc), allow_nan=False, separators=(",", ":")).encode()
 
 
 class _Server(ThreadingHTTPServer):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import math
 import os
 import sys
 import threading
@@ -37,6 +36,7 @@ from moleflow.errors import MoleflowError
 from moleflow.edge.logs import Throttle
 from moleflow.edge.metrics import Metrics
 from moleflow.edge.spool import AlarmSpool, SpoolError
+from moleflow.edge.wirejson import strict_json
 
 log = logging.getLogger("moleflow.mqtt")
 MAX_INFLIGHT = 100
@@ -46,24 +46,6 @@ LOG_EVERY_S = 60.0          # a fault that persists is logged again this often
 
 class MqttError(MoleflowError, RuntimeError):
     """The MQTT client cannot be set up (bad TLS file, missing package)."""
-
-
-def strict_json(payload: Any) -> str:
-    """JSON text a strict parser accepts: non-finite floats become null (RFC 8259 has no NaN)."""
-    try:
-        return json.dumps(payload, allow_nan=False)
-    except ValueError:
-        return json.dumps(_finite(payload), allow_nan=False)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 class Fault:

@@ -197,8 +197,8 @@ def test_a_busy_port_raises(tmp_path):
 
 
 def test_strict_json_replaces_non_finite_numbers_and_numpy_values():
-    from moleflow.edge.http import strict_json
-    doc = strict_json({"a": [math.inf, np.float32(0.5), np.int64(3)], "b": np.array([1, 2]),
+    from moleflow.edge.wirejson import finite_values
+    doc = finite_values({"a": [math.inf, np.float32(0.5), np.int64(3)], "b": np.array([1, 2]),
                        1: (float("nan"), None, True, "x")})
     assert doc == {"a": [None, 0.5, 3], "b": [1, 2], "1": [None, None, True, "x"]}
     json.dumps(doc, allow_nan=False)

@@ -13,6 +13,7 @@ import yaml
 
 from moleflow.config.options import ConfigError
 from moleflow.config.schema import Config
+from moleflow.names import camera_products
 
 
 def _codec_problem(value: str) -> str | None:
@@ -43,26 +44,12 @@ def _topic_problem(value: str) -> str | None:
     return None
 
 
-def _name_problem(value: str) -> str | None:
-    """A camera or product name: what the ingest keeps of a camera name (letters, digits,
-    ``-_.``, at most 64), so a configured name can match a frame's."""
-    if not value or len(value) > 64 or not all(c.isalnum() or c in "-_." for c in value):
-        return f"must be 1..64 letters, digits, '-', '_' or '.', got {value!r}"
-    return None
-
-
 def _camera_products_problem(value: list) -> str | None:
     """``ingest.products``: ``camera=product`` strings, each camera once."""
-    seen: set[str] = set()
-    for item in value:
-        camera, sep, product = item.partition("=")
-        problem = (f"{item!r} must be camera=product (e.g. cam0=bottle)" if not sep else
-                   _name_problem(camera.strip()) or _name_problem(product.strip()))
-        if problem:
-            return f"{item!r}: {problem}" if sep else problem
-        if camera.strip() in seen:
-            return f"camera {camera.strip()!r} is given twice"
-        seen.add(camera.strip())
+    try:
+        camera_products(value)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
