@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from moleflow.edge.commands import CameraProducts, Commands, parse_products
+from moleflow.edge.commands import CameraProducts, Commands
 
 log = logging.getLogger("moleflow.scada")
 
@@ -24,8 +24,7 @@ class Scada:
         self.sparkplug = None
         if cfg.sparkplug.enabled:
             from moleflow.edge.sparkplug import SparkplugNode
-            cameras = list(dict.fromkeys([*cfg.ingest.cameras,
-                                          *parse_products(cfg.ingest.products)]))
+            cameras = list(dict.fromkeys([*cfg.ingest.cameras, *self.products.snapshot()]))
             self.sparkplug = SparkplugNode(cfg, daemon._status(), daemon.metrics,
                                            daemon.reload, cameras)
 
