@@ -73,7 +73,7 @@ SPECS: dict[str, Spec] = {
     "spooled_alarms": Spec("gauge", "Alarms waiting in the disk spool"),
     "memory_alarms": Spec("gauge", "Alarms held in memory because the spool cannot be written"),
     "ingest_connections": Spec("gauge", "Open camera connections over all ingest sockets"),
-    "stage_seconds": Spec("histogram", "Latency per stage (backbone, router, expert, "
+    "stage_seconds": Spec("histogram", "Latency per stage (backbone, router, expert, light_retry, "
                           "postprocess; total: from receipt to scored)", ("stage",)),
 }
 

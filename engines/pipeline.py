@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from moleflow.thresholds import Calibration, CalibrationError, ExpertCalibration
-from moleflow.scoring import (PositionNorm, anomaly_maps, image_scores, mahalanobis, map_values,
-                             preprocess, routed_image_scores, standardised, typicality)
+from moleflow.scoring import (PositionNorm, anomaly_maps, image_scores, keep_lower,
+                             light_retries, mahalanobis, map_values, preprocess,
+                             routed_image_scores, standardised, typicality)
 from moleflow.manifest import EngineSetError, ExpertEntry, Manifest, verified
 from moleflow.engines.runtime import BACKENDS, Graph, file_key
 
@@ -154,6 +155,11 @@ def scoring_rule(manifest: Manifest, key: str) -> str:
     return rule
 
 
+def light_retry(manifest: Manifest) -> float:
+    """The manifest's ``scoring.light_retry`` (spreads; 0 = off, as in sets from before it)."""
+    return float(manifest.scoring.get("light_retry", 0.0))
+
+
 def scoring_key(manifest: Manifest, entry: ExpertEntry) -> str:
     """How an expert's image scores and maps are computed, for calibration: a calibration
     fitted under another rule (or other statistics) does not apply to these."""
@@ -161,6 +167,8 @@ def scoring_key(manifest: Manifest, entry: ExpertEntry) -> str:
     key = f"{rule} top-{int(manifest.scoring['top_k'])}"
     if rule == "standardised" and entry.position_norm is not None:
         key += f" {entry.position_norm.sha256[:16]}"
+    retry = light_retry(manifest)
+    key += f", light retry {retry:g}" if retry > 0 and not manifest.input.get("standardise") else ""
     return key + f", map {scoring_rule(manifest, 'anomaly_map')}"
 
 
@@ -249,6 +257,9 @@ class Pipeline:
         self.mean, self.std = tuple(m.input["mean"]), tuple(m.input["std"])
         self.standardise = bool(m.input.get("standardise", False))
         self.top_k = int(m.scoring["top_k"])
+        # sets from before the light retry existed, or whose backbone standardises the light
+        # of every frame anyway, score each frame once
+        self.light_retry = 0.0 if self.standardise else light_retry(m)
         self.sigma = float(m.scoring["smoothing_sigma"])
         self.map_rule = scoring_rule(m, "anomaly_map")
         self.dim = int(m.features["dim"])
@@ -316,6 +327,14 @@ class Pipeline:
         """Uncalibrated image scores of grids, grid ``i`` scored by expert ``experts[i]``."""
         return routed_image_scores(patch_nll, experts, self.engines.norms, self.top_k)
 
+    def _grids(self, feats: np.ndarray, owners: list[str]) -> np.ndarray:
+        """Patch-NLL grids (N, h, w), frame ``i`` by expert ``owners[i]`` (one call per expert)."""
+        grids = np.zeros((len(feats),) + feats.shape[2:], dtype=np.float32)
+        for name in sorted(set(owners)):
+            sel = np.asarray([c == name for c in owners])
+            grids[sel] = self.expert_nll(name, np.ascontiguousarray(feats[sel]))
+        return grids
+
     def expert_nll(self, name: str, features: np.ndarray) -> np.ndarray:
         return self.engines.experts[name](features)["patch_nll"]
 
@@ -350,11 +369,13 @@ class Pipeline:
         t1 = time.perf_counter()
         chosen, dist, far = self.route(pooled, hints)
         t2 = time.perf_counter()
-        grids = np.zeros((len(images),) + feats.shape[2:], dtype=np.float32)
-        for name in sorted(set(chosen)):
-            sel = np.asarray([c == name for c in chosen])
-            grids[sel] = self.expert_nll(name, np.ascontiguousarray(feats[sel]))
+        grids = self._grids(feats, chosen)
         t3 = time.perf_counter()
+        picked, relit = light_retries(images, chosen, self.engines.norms, self.light_retry)
+        if picked:  # light off the expert's: scored again relit, the lower score counts
+            again = self._grids(self.features(relit)[0], [chosen[i] for i in picked])
+            keep_lower(grids, picked, again, chosen, self.engines.norms, self.top_k)
+        t3r = time.perf_counter()
         patch_scores = standardised(grids, chosen, self.engines.norms)  # once for both
         raw = image_scores(patch_scores, self.top_k)
         typical = typicality(patch_scores)
@@ -363,7 +384,9 @@ class Pipeline:
         t4 = time.perf_counter()
         n = len(images)
         timings = {"backbone": (t1 - t0) / n, "router": (t2 - t1) / n, "expert": (t3 - t2) / n,
-                   "postprocess": (t4 - t3) / n}
+                   "postprocess": (t4 - t3r) / n}
+        if picked:
+            timings["light_retry"] = (t3r - t3) / n
         out = []
         for i, name in enumerate(chosen):
             cal = self.engines.calibration.get(name)

@@ -249,6 +249,8 @@ def validate_manifest(raw: Any, source: str = MANIFEST) -> None:
         scoring = _field(raw, "scoring", "", dict)
         _positive(scoring, "top_k", "scoring")
         _positive(scoring, "smoothing_sigma", "scoring", (int, float), least=0)
+        if "light_retry" in scoring:
+            _positive(scoring, "light_retry", "scoring", (int, float), least=0)
         names = [_expert(e, f"experts[{i}]")
                  for i, e in enumerate(_field(raw, "experts", "", list))]
         if not names or len(set(names)) != len(names):

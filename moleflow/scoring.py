@@ -39,7 +39,7 @@ def preprocess(images: np.ndarray, mean: tuple, std: tuple,
     largest cost outside the graphs)."""
     blob = _blob(images, mean, std)
     if standardise and len(blob):
-        m, s = _light(images)
+        m, s = frame_light(images)
         m = m[:, None, None, None]
         gain = LIGHT_STD / np.maximum(s, LIGHT_FLOOR)[:, None, None, None]
         centre = np.asarray(mean, np.float32)[None, :, None, None]
@@ -49,7 +49,7 @@ def preprocess(images: np.ndarray, mean: tuple, std: tuple,
     return blob
 
 
-def _light(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def frame_light(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each frame's mean and std over all its pixels and channels, in units of the grey range,
     from OpenCV's per-channel statistics (one pass over the uint8 frame)."""
     stats = np.array([np.concatenate(cv2.meanStdDev(im)) for im in images])[..., 0] / 255.0
@@ -74,6 +74,36 @@ def _blob(images: np.ndarray, mean: tuple, std: tuple) -> np.ndarray:
     return cv2.dnn.blobFromImagesWithParams(list(images), params)
 
 
+# Smallest spread of a product's light over its training frames (grey-range units: one grey
+# level): frames of one constant light do not make every small change an outlier.
+LIGHT_SPREAD_FLOOR = 1 / 255
+
+
+def light_reference(images: np.ndarray) -> np.ndarray:
+    """A product's light over its training frames (uint8 RGB, N >= 1), as four numbers in units
+    of the grey range: the mean and the spread (std) of the frames' mean grey, then the mean and
+    the spread of their contrast (std over a frame's pixels and channels)."""
+    m, s = frame_light(np.asarray(images))
+    return np.array([m.mean(), max(float(m.std()), LIGHT_SPREAD_FLOOR),
+                     s.mean(), max(float(s.std()), LIGHT_SPREAD_FLOOR)], dtype=np.float32)
+
+
+def light_offsets(m: np.ndarray, s: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """How far each frame's light (``frame_light``'s mean ``m`` and contrast ``s``) lies from a
+    product's ``light_reference``: the larger of the two distances, in spreads."""
+    ref = np.asarray(reference, dtype=np.float64)
+    return np.maximum(np.abs(m - ref[0]) / ref[1], np.abs(s - ref[2]) / ref[3])
+
+
+def relit(image: np.ndarray, m: float, s: float, reference: np.ndarray) -> np.ndarray:
+    """One uint8 frame with its light (mean ``m``, contrast ``s``) brought to the product's
+    typical light: ``(x - m) * s_ref / s + m_ref``, clipped. A camera's gain, exposure or
+    contrast change (``a * x + b`` on every pixel) is undone, clipping aside; one table lookup."""
+    ref = np.asarray(reference, dtype=np.float64)
+    levels = (np.arange(256) / 255.0 - m) * (ref[2] / max(float(s), LIGHT_FLOOR)) + ref[0]
+    return cv2.LUT(image, np.clip(np.rint(levels * 255.0), 0, 255).astype(np.uint8))
+
+
 @dataclass(frozen=True)
 class PositionNorm:
     """One expert's patch-NLL statistics per grid position, over its own training images.
@@ -83,9 +113,13 @@ class PositionNorm:
     stop dominating the top-k of normal images. The anomaly maps do not use it. ``std`` is
     floored at ``FLOOR`` times its median over the grid, so a position that is nearly constant
     over the training images (a blank background) cannot turn noise into a large score.
+
+    ``light`` (``light_reference`` of the expert's training frames; None in runs from before
+    it existed) is what ``light_retries`` compares a frame's light with.
     """
     mean: np.ndarray            # (h, w) float32
     std: np.ndarray             # (h, w) float32, floored
+    light: np.ndarray | None = None   # (4,) float32
 
     FLOOR = 0.1
 
@@ -111,10 +145,19 @@ class PositionNorm:
         if mean.ndim != 2 or mean.shape != std.shape or not np.all(std > 0):
             raise ValueError(f"{prefix}position statistics must be two positive-std (h, w) "
                              f"grids, got mean {mean.shape}, std {std.shape}")
-        return cls(mean, std)
+        light = arrays.get("light")
+        if light is not None:
+            light = np.asarray(light, dtype=np.float32)
+            if light.shape != (4,) or not np.all(np.isfinite(light)) or not np.all(light[[1, 3]] > 0):
+                raise ValueError(f"{prefix}light reference must be 4 finite numbers with "
+                                 f"positive spreads, got {light.tolist()}")
+        return cls(mean, std, light)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"mean": self.mean, "std": self.std}
+        out = {"mean": self.mean, "std": self.std}
+        if self.light is not None:
+            out["light"] = self.light
+        return out
 
     def apply(self, patch_nll: np.ndarray) -> np.ndarray:
         """Standardised grids (N, h, w)."""
@@ -148,6 +191,47 @@ def standardised(patch_nll: np.ndarray, owners, norms: dict | None) -> np.ndarra
         sel = owners == owner
         out[sel] = norms[owner.item()].apply(grids[sel])
     return out
+
+
+def light_retries(images: np.ndarray, owners, norms: dict | None, spreads: float
+                  ) -> tuple[list[int], np.ndarray]:
+    """The frames to score a second time in their product's typical light, and those frames
+    relit (``relit``): each frame whose light lies more than ``spreads`` spreads from its
+    expert's light reference (``light_offsets``). None when ``spreads`` is 0 or the experts
+    have no reference (runs from before it existed).
+
+    The experts trained on views whose light varied by ±10 %; a frame beyond what a product's
+    own frames show (a camera's gain or contrast turned up) can still score high on normal
+    parts. Both paths score the relit frame and keep the lower score (``keep_lower``): a
+    clipped highlight that relighting cannot restore leaves the frame as it came, a defect
+    stays a defect in either light."""
+    empty = np.zeros((0,) + tuple(np.shape(images)[1:]), dtype=np.uint8)
+    if spreads <= 0 or norms is None or len(images) == 0:
+        return [], empty
+    m, s = frame_light(images)
+    picked, frames = [], []
+    for i, owner in enumerate(owners):
+        ref = getattr(norms.get(owner), "light", None)
+        if ref is not None and light_offsets(m[i], s[i], ref) > spreads:
+            picked.append(i)
+            frames.append(relit(images[i], float(m[i]), float(s[i]), ref))
+    return picked, (np.stack(frames) if frames else empty)
+
+
+def keep_lower(grids: np.ndarray, picked: list[int], again: np.ndarray, owners,
+               norms: dict, top_k: int) -> np.ndarray:
+    """Put ``again[j]`` (the relit frame's patch grid) in place of ``grids[picked[j]]`` where its
+    image score is lower; returns which were taken (bool per picked frame). The frame's score,
+    map and typicality then all come from the same grid."""
+    if not picked:
+        return np.zeros(0, dtype=bool)
+    who = [owners[i] for i in picked]
+    before = routed_image_scores(grids[picked], who, norms, top_k)
+    after = routed_image_scores(again, who, norms, top_k)
+    taken = after < before
+    for j in np.flatnonzero(taken):
+        grids[picked[j]] = again[j]
+    return taken
 
 
 def routed_image_scores(patch_nll: np.ndarray, owners, norms: dict | None,

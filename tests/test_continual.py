@@ -33,9 +33,11 @@ def _alpha_scores(run: Path, synthetic_root: Path) -> tuple[np.ndarray, np.ndarr
     """Scores of class alpha by its own expert (task 0), from the stored run."""
     from moleflow.data import load_class
     session = open_session(run, load_config(None, SMALL), progress=False, create=False)
-    feats = session.store.features(load_class(synthetic_root, "alpha"), "test")
+    data = load_class(synthetic_root, "alpha")
+    feats = session.store.features(data, "test")
+    images = session.store.images_of([t.path for t in data.test])  # light retries included
     return score_class(session.model, feats, np.zeros(len(feats), int), session.cfg.eval, 64,
-                       session.norms)
+                       session.norms, images, session.store.extract)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,10 @@ def test_image_score_and_map_rules_are_switches(two_step_run, synthetic_root):
     from moleflow.data import load_class
     from moleflow.train.trainer import patch_scores
     run, *_ = two_step_run
-    std_scores, lik_maps = _alpha_scores(run, synthetic_root)
+    default = open_session(run, load_config(None, SMALL), progress=False, create=False)
+    feats = default.store.features(load_class(synthetic_root, "alpha"), "test")
+    std_scores, lik_maps = score_class(default.model, feats, np.zeros(len(feats), int),
+                                       default.cfg.eval, 64, default.norms)  # no light retry
     session = open_session(run, load_config(None, {**SMALL, "eval.image_score": "nll",
                                                    "eval.anomaly_map": "nll"}),
                            progress=False, create=False)

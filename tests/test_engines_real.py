@@ -81,3 +81,27 @@ def test_unknown_is_a_product_without_expert_not_a_defect(real_engine_set):
     frames = sum(r.good + r.defective for r in rows)
     assert known <= 0.01 * frames, "\n".join(r.line() for r in rows)
     assert all(r.routing == 1.0 for r in rows)
+
+
+def test_light_retry_brings_normal_frames_back_under_a_contrast_change(real_engine_set):
+    """Real normal frames whose contrast a camera turned up (+15 %, beyond what the product's
+    own frames show) are scored again relit to the product's light: their scores come back
+    towards those of the frames as they were, and the retry never raises a score."""
+    import numpy as np
+    from moleflow.conditions import parse_condition
+    _, data, out = real_engine_set
+    engines = EngineSet.open(out)
+    retry, once = Pipeline(engines, with_maps=False), Pipeline(engines, with_maps=False)
+    once.light_retry = 0.0
+    for name in ("bottle", "transistor"):
+        images = load_images([t.path for t in load_class(data, name).test if t.label == 0], 256)
+        changed = parse_condition("contrast:+15").apply(images)
+        hints = [name] * len(images)
+        as_sent = np.array([f.raw_score for f in retry.score(images, hints)])
+        plain = np.array([f.raw_score for f in once.score(changed, hints)])
+        retried = retry.score(changed, hints)
+        got = np.array([f.raw_score for f in retried])
+        assert all("light_retry" in f.timings for f in retried), name
+        assert np.all(got <= plain + 1e-6), name
+        assert np.abs(got - as_sent).mean() < np.abs(plain - as_sent).mean(), \
+            (name, as_sent, plain, got)

@@ -72,6 +72,35 @@ def test_engine_benchmark_reports_decisions_and_the_cli_prints_the_table(
     assert "jpeg must be in 1..100" in capsys.readouterr().err
 
 
+def test_light_retry_scores_frames_off_their_products_light_again(calibrated, synthetic_root):
+    """Frames whose light lies beyond their expert's training frames' (contrast +30 %) are
+    scored again relit, by the engine set and the run alike; the lower score counts, so no
+    frame scores higher than it would without the retry."""
+    from moleflow.data import load_class, load_images
+    from moleflow.engines.pipeline import EngineSet, Pipeline
+    from moleflow.train.continual import open_session
+    from moleflow.train.evaluate import score_class
+    run, out, cfg = calibrated
+    engines = EngineSet.open(out)
+    assert engines.manifest.scoring["light_retry"] == cfg.eval.light_retry == 2.0
+    assert all(n.light is not None and n.light.shape == (4,) for n in engines.norms.values())
+    data = load_class(synthetic_root, "alpha")
+    frames = parse_condition("contrast:+30").apply(
+        load_images([t.path for t in data.test], 64), seed=0)
+    hints = ["alpha"] * len(frames)
+    retried = Pipeline(engines, with_maps=False).score(frames, hints)
+    assert all(f.timings.get("light_retry", 0) > 0 for f in retried)
+    once = Pipeline(engines, with_maps=False)
+    once.light_retry = 0.0
+    a = np.array([f.raw_score for f in retried])
+    b = np.array([f.raw_score for f in once.score(frames, hints)])
+    assert np.all(a <= b + 1e-6) and np.any(a < b - 1e-3)
+    session = open_session(run, cfg, progress=False, create=False)
+    ref, _ = score_class(session.model, session.store.extract(frames), np.zeros(len(frames), int),
+                         cfg.eval, 64, session.norms, frames, session.store.extract)
+    np.testing.assert_allclose(a, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_calibration_follows_the_codec(calibrated, synthetic_root, capsys, caplog):
     _, out, _ = calibrated
     caplog.set_level(logging.INFO)

@@ -98,6 +98,55 @@ def test_position_norm_standardises_per_position_with_a_floored_std():
         PositionNorm.from_arrays({"mean": norm.mean, "std": np.zeros((2, 2))}, "x.npz")
 
 
+def _textured(n: int, seed: int) -> np.ndarray:
+    """Frames of one product under one light: a smooth grey texture with small differences."""
+    rng = np.random.default_rng(seed)
+    base = 128 + 50 * np.sin(np.linspace(0, 6, 48))[:, None, None] * np.ones((48, 48, 3))
+    return np.stack([np.clip(base * rng.uniform(0.97, 1.03) + rng.normal(0, 4, base.shape),
+                             0, 255).astype(np.uint8) for _ in range(n)])
+
+
+def test_relit_frame_gets_its_products_light_back():
+    """A camera's contrast or gain change beyond what the product's training frames show is
+    undone by relighting to their typical light (to a grey level, away from clipping); frames
+    in the usual light are not retried."""
+    from moleflow.conditions import parse_condition
+    from moleflow.scoring import frame_light, light_offsets, light_reference, light_retries, relit
+    train = _textured(12, 0)
+    ref = light_reference(train)
+    m, s = frame_light(train)
+    np.testing.assert_allclose(ref[[0, 2]], [m.mean(), s.mean()], rtol=1e-5)
+    np.testing.assert_allclose(ref[[1, 3]], np.maximum([m.std(), s.std()], 1 / 255), rtol=1e-4)
+    frame = _textured(1, 1)
+    for cond in ("contrast:+20", "contrast:-20", "brightness:+15", "brightness:-15"):
+        changed = parse_condition(cond).apply(frame)
+        cm, cs = frame_light(changed)
+        assert light_offsets(cm, cs, ref)[0] > 3, cond
+        back = relit(changed[0], float(cm[0]), float(cs[0]), ref)
+        bm, bs = frame_light(back[None])
+        assert abs(bm[0] - ref[0]) < 1.5 / 255 and abs(bs[0] - ref[2]) < 1.5 / 255, cond
+        assert np.abs(back.astype(int) - frame[0].astype(int)).mean() < 2.5, cond
+    norms = {"p": type("N", (), {"light": ref})(), "old": type("N", (), {"light": None})()}
+    frames = np.concatenate([frame, parse_condition("contrast:+20").apply(frame)] * 2)
+    picked, relit_frames = light_retries(frames, ["p", "p", "old", "old"], norms, 2.0)
+    assert picked == [1] and relit_frames.shape == (1, 48, 48, 3)  # old experts: no reference
+    assert light_retries(frames, ["p"] * 4, norms, 0.0)[0] == []    # 0: off
+
+
+def test_keep_lower_takes_the_relit_grid_only_where_it_scores_lower():
+    from moleflow.scoring import PositionNorm, image_scores, keep_lower
+    norm = PositionNorm(np.zeros((2, 2), np.float32), np.ones((2, 2), np.float32))
+    grids = np.array([[[5, 0], [0, 0]], [[1, 0], [0, 0]], [[3, 0], [0, 0]]], np.float32)
+    again = np.array([[[2, 0], [0, 0]], [[4, 0], [0, 0]]], np.float32)  # for frames 0 and 1
+    taken = keep_lower(grids, [0, 1], again, ["p"] * 3, {"p": norm}, 1)
+    assert taken.tolist() == [True, False]
+    np.testing.assert_array_equal(image_scores(grids, 1, norm), [2, 1, 3])
+    back = PositionNorm.from_arrays({**norm.to_arrays(), "light": np.array([0.5, 0.01, 0.2, 0.01])})
+    assert back.light is not None and "light" in back.to_arrays()
+    with pytest.raises(ValueError, match="light reference"):
+        PositionNorm.from_arrays({**norm.to_arrays(), "light": np.array([0.5, 0.0, 0.2, 0.01])})
+
+
 def test_likelihood_map_values_are_one_minus_the_per_dimension_likelihood():
     from moleflow.scoring import map_values
     nll = np.array([[[-10.0, 0.0], [100.0, 1e6]]], dtype=np.float32)

@@ -97,6 +97,14 @@ def _image_name(data: ClassData, path: Path) -> str:
     return path.relative_to(data.root).as_posix()
 
 
+def _light_frames(session: Session, data: ClassData, fit) -> np.ndarray | None:
+    """The training images an expert's light reference is taken from; None when the backbone
+    standardises every frame's light anyway (nothing to retry then)."""
+    if session.cfg.backbone.standardise_light:
+        return None
+    return session.store.images_of([data.train[int(i)] for i in fit])
+
+
 def ensure_norms(session: Session, data_root: Path | None) -> None:
     """Compute and store the position statistics that a run from before they existed lacks,
     from each such task's training images and their views (those it was trained on, not the
@@ -110,7 +118,8 @@ def ensure_norms(session: Session, data_root: Path | None) -> None:
         aug = Augmentation(**record.augmentation) if record.augmentation else None
         views = session.store.views(data, record.augment_views, aug, record.augment_seed)
         feats = torch.cat([v[torch.as_tensor(fit)] for v in views])
-        norm = fit_norm(session.model, feats, record.index, session.cfg.eval.batch_size)
+        norm = fit_norm(session.model, feats, record.index, session.cfg.eval.batch_size,
+                        _light_frames(session, data, fit))
         session.bundle.save_norm(record, norm)
         session.norms[record.index] = norm
         log.info("task %d: %s: position statistics computed from %d training images (the run "
@@ -191,7 +200,8 @@ def train_tasks(run_dir: Path, data_root: Path, tasks: list[str], config: Config
         proto = fit_prototype(data.name, pooled(every), shrinkage=cfg.router.shrinkage,
                               fixed_shrinkage=cfg.router.fixed_shrinkage, ridge=cfg.router.ridge)
         session.router.add(proto)
-        norm = fit_norm(session.model, every, index, cfg.eval.batch_size)
+        norm = fit_norm(session.model, every, index, cfg.eval.batch_size,
+                        _light_frames(session, data, fit))
         del every
         session.norms[index] = norm
         aug = cfg.train.augmentation()

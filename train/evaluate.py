@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -10,7 +11,8 @@ import numpy as np
 import torch
 
 from moleflow.config import EvalConfig
-from moleflow.scoring import PositionNorm, anomaly_maps, map_values, routed_image_scores
+from moleflow.scoring import (PositionNorm, anomaly_maps, keep_lower, light_reference,
+                              light_retries, map_values, routed_image_scores)
 from moleflow.data import ClassData
 from moleflow.train.features import FeatureStore, pooled
 from moleflow.train.flow import MoLEFlow
@@ -32,20 +34,29 @@ class ClassResult:
     data: ClassData             # the test set these results are of
 
 
-def fit_norm(model: MoLEFlow, feats: torch.Tensor, task: int, batch_size: int) -> PositionNorm:
-    """Position statistics of ``task``'s expert over its training images' features."""
-    return PositionNorm.fit(patch_scores(model, feats, task, batch_size).numpy())
+def fit_norm(model: MoLEFlow, feats: torch.Tensor, task: int, batch_size: int,
+             images: np.ndarray | None = None) -> PositionNorm:
+    """Position statistics of ``task``'s expert over its training images' features (views
+    included), with the light reference of the training ``images`` as they are (none without
+    them)."""
+    norm = PositionNorm.fit(patch_scores(model, feats, task, batch_size).numpy())
+    return norm if images is None else replace(norm, light=light_reference(images))
 
 
 def score_class(model: MoLEFlow, feats: torch.Tensor, experts: np.ndarray, cfg: EvalConfig,
-                size: int, norms: dict[int, PositionNorm] | None = None
+                size: int, norms: dict[int, PositionNorm] | None = None,
+                images: np.ndarray | None = None,
+                extract: Callable[[np.ndarray], torch.Tensor] | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Image scores and maps, each image scored by the expert in ``experts``.
 
     Every expert that is needed scores the whole class in the same fixed batches, so a score
     does not depend on how the other images of the class were routed (zero forgetting is then
     bit-exact, not approximately so). With ``cfg.image_score`` 'standardised' each image score
-    uses its expert's position statistics from ``norms``.
+    uses its expert's position statistics from ``norms``. Given the ``images`` and the
+    backbone (``extract``), frames whose light is off their expert's are scored again relit
+    (``cfg.light_retry``; ``moleflow.scoring.light_retries``), each alone, so that again no
+    score depends on the other images.
     """
     grids = np.empty((len(feats),) + tuple(feats.shape[2:]), dtype=np.float32)
     for task in np.unique(experts):
@@ -57,8 +68,14 @@ def score_class(model: MoLEFlow, feats: torch.Tensor, experts: np.ndarray, cfg: 
         if missing:
             raise ValueError(f"no position statistics for task(s) {missing}: needed by "
                              "eval.image_score 'standardised'")
-    scores = routed_image_scores(grids, experts, norms if cfg.image_score == "standardised"
-                                 else None, cfg.top_k)
+    used = norms if cfg.image_score == "standardised" else None
+    if images is not None and extract is not None:
+        picked, frames = light_retries(images, experts, used, cfg.light_retry)
+        if picked:
+            again = np.concatenate([patch_scores(model, extract(f[None]), int(experts[i]), 1)
+                                    .numpy() for i, f in zip(picked, frames)])
+            keep_lower(grids, picked, again, experts, used, cfg.top_k)
+    scores = routed_image_scores(grids, experts, used, cfg.top_k)
     maps = anomaly_maps(map_values(grids, cfg.anomaly_map, feats.shape[1]), size,
                         cfg.smoothing_sigma)
     return scores, maps
@@ -80,7 +97,8 @@ def evaluate_class(model: MoLEFlow, router: PrototypeRouter | None, store: Featu
     """Route every test image (or use the true task when ``router`` is None) and score it."""
     feats = store.features(data, "test")
     routed = route_tasks(model, router, feats, task)
-    scores, maps = score_class(model, feats, routed, cfg, store.image_size, norms)
+    scores, maps = score_class(model, feats, routed, cfg, store.image_size, norms,
+                               store.images_of([t.path for t in data.test]), store.extract)
     labels = np.asarray([t.label for t in data.test])
     masks = store.masks(data)
     metrics = compute_class_metrics(labels, scores, masks, maps, routed == task,

@@ -37,6 +37,10 @@ class FeatureStore:
     def _paths(self, data: ClassData, split: str) -> list[Path]:
         return list(data.train) if split == "train" else [t.path for t in data.test]
 
+    def extract(self, images: np.ndarray) -> torch.Tensor:
+        """Features (N, D, H, W) of uint8 RGB images as they are (not cached)."""
+        return extract(self.extractor, images)
+
     def images_of(self, paths: list[Path]) -> np.ndarray:
         """uint8 RGB images (N, S, S, 3) at the store's size."""
         return load_images(paths, self.image_size)

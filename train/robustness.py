@@ -17,7 +17,6 @@ import numpy as np
 from moleflow.config import Config
 from moleflow.conditions import Condition, apply_to_masks
 from moleflow.robustness import RobustnessRow
-from moleflow.train.backbone import extract
 from moleflow.train.continual import _class_data, ensure_norms, open_session
 from moleflow.train.evaluate import route_tasks, score_class
 from moleflow.measures import compute_class_metrics
@@ -39,14 +38,13 @@ def run_robustness(run_dir: Path, data_root: Path | None, conditions: list[Condi
         labels = np.asarray([t.label for t in data.test])
         masks = store.masks(data)
         for cond in conditions:
-            if cond.kind == "lossless":
-                feats = store.features(data, "test")
-            else:
-                feats = extract(store.extractor, cond.apply(images, seed=record.index))
+            seen = images if cond.kind == "lossless" else cond.apply(images, seed=record.index)
+            feats = store.features(data, "test") if cond.kind == "lossless" \
+                else store.extract(seen)
             routed = route_tasks(model, session.router if use_router else None, feats,
                                  record.index)
             scores, maps = score_class(model, feats, routed, cfg.eval, store.image_size,
-                                       session.norms)
+                                       session.norms, seen, store.extract)
             m = compute_class_metrics(labels, scores, apply_to_masks(cond, masks), maps,
                                       routed == record.index, max_fpr=cfg.eval.aupro_max_fpr)
             row = RobustnessRow(record.name, cond.name, m.image_auroc, m.pixel_auroc,

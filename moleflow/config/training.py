@@ -147,6 +147,12 @@ class EvalConfig:
                            "(1 - exp(-NLL/D), one minus the likelihood per feature dimension, "
                            "as anomalib's FastFlow and CFlow) or 'nll' (the patch NLL)",
                            choices=("likelihood", "nll"))
+    light_retry: float = opt(2.0, "a frame whose light (mean grey or contrast) lies more than "
+                             "this many spreads from its expert's training frames is scored "
+                             "again brought to their typical light, and the lower score counts "
+                             "(a camera's gain or contrast drift); 0: off. Needs image_score "
+                             "'standardised' (the reference is kept with its statistics)",
+                             min=0.0)
     aupro_max_fpr: float = opt(0.3, "FPR limit of AUPRO", min=0.01, max=1.0)
     overlays_per_class: int = opt(4, "heat-map overlay images written per class", min=0)
     batch_size: int = opt(32, "images per scoring batch", min=1)
