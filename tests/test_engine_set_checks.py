@@ -136,6 +136,7 @@ def test_manifest_that_is_a_list_is_refused(copy, tmp_path, capsys):
                                                   "false"),
     (lambda m: m["features"].update(grid="8x8"), "field features.grid must be a list"),
     (lambda m: m["scoring"].update(top_k=True), "field scoring.top_k must be an integer"),
+    (lambda m: m["scoring"].update(light_retry=-1), "field scoring.light_retry must be at least 0"),
     (lambda m: m.pop("router"), "field router must be an object"),
     (lambda m: m["experts"][1].pop("files"), "field experts[1].files is missing"),
     (lambda m: m["experts"][0]["files"]["onnx"].update(sha256=1), "experts[0].files.onnx.sha256"),
@@ -175,6 +176,11 @@ def test_statistics_and_calibration_contents_are_checked(engine_set, copy, tmp_p
     (copy / rel).write_bytes(npz_bytes(arrays))
     rehash(copy, rel)
     assert rel in refused(copy, tmp_path, capsys, "array 'std' holds non-finite values")
+    arrays["std"][0, 0] = 1.0
+    arrays["light"] = np.array([0.5, 0.0, 0.2, 0.01], np.float32)  # a spread of 0
+    (copy / rel).write_bytes(npz_bytes(arrays))
+    rehash(copy, rel)
+    assert rel in refused(copy, tmp_path, capsys, "light reference must be 4 finite numbers")
     shutil.copy2(engine_set / rel, copy / rel)
     rehash(copy, rel)
     table = json.loads((copy / "calibration.json").read_text())
@@ -231,6 +237,25 @@ def test_older_manifest_without_the_light_setting_scores_as_before(engine_set, c
     before, now = (Pipeline(EngineSet.open(root, with_calibration=False)).score(frames)
                    for root in (copy, engine_set))
     assert [f.raw_score for f in before] == [f.raw_score for f in now]
+
+
+def test_older_manifest_without_the_light_retry_scores_each_frame_once(engine_set, copy):
+    """Engine sets from before ``scoring.light_retry`` score every frame once, as they did;
+    the current set retries frames whose light is off their expert's and never scores them
+    higher for it."""
+    from moleflow.engines.pipeline import Pipeline
+    assert Manifest.load(engine_set).scoring["light_retry"] == 2.0
+    edit_manifest(copy, lambda m: m["scoring"].pop("light_retry"))
+    frames = np.random.default_rng(3).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    old = Pipeline(EngineSet.open(copy, with_calibration=False))
+    now = Pipeline(EngineSet.open(engine_set, with_calibration=False))
+    assert old.light_retry == 0.0 and now.light_retry == 2.0
+    before, after = old.score(frames), now.score(frames)
+    assert all("light_retry" not in f.timings for f in before)
+    assert all("light_retry" in f.timings for f in after)  # noise: far from any product's light
+    assert all(a.raw_score <= b.raw_score for a, b in zip(after, before))
+    now.light_retry = 0.0
+    assert [f.raw_score for f in now.score(frames)] == [f.raw_score for f in before]
 
 
 def test_validate_config_checks_camera_products_against_the_set(engine_set, tmp_path, capsys):

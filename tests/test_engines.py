@@ -69,7 +69,7 @@ def test_manifest_describes_every_file_with_its_hash(engine_run):
             *(e.position_norm for e in m.experts)]
     assert len(refs) == 2 + 1 + 4 + 2
     assert m.scoring == {"top_k": 3, "smoothing_sigma": 4.0, "image_score": "standardised",
-                         "anomaly_map": "likelihood"}
+                         "anomaly_map": "likelihood", "light_retry": 2.0}
     for ref in refs:
         assert sha256_of(out / ref.path) == ref.sha256
     assert all(len(e.calibration_images) == 8 for e in m.experts)
