@@ -43,7 +43,8 @@ def result_payload(device: str, frame: Frame, s: FrameScore, started: float,
             "routing_distance": round(s.distance, 4), "unknown": s.unknown,
             "score_raw": round(s.raw_score, 4),
             "score": None if s.score is None else round(s.score, 6), "decision": decision,
-            "latency_ms": latency}
+            "light_offset": None if s.light_offset is None else round(s.light_offset, 2),
+            "relit": s.relit, "latency_ms": latency}
 
 
 def regions(anomaly_map: np.ndarray, threshold: float, max_regions: int = 16) -> list[dict]:

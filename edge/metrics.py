@@ -45,6 +45,9 @@ SPECS: dict[str, Spec] = {
                            "fell behind)", ("camera", "reason")),
     "frames_unknown": Spec("counter", "Frames of a product the engine set has no expert for",
                            ("camera",)),
+    "frames_relit": Spec("counter", "Frames whose light was off their product's and that "
+                         "scored lower relit to it (the camera's light or gain drifted)",
+                         ("camera",)),
     "alarms": Spec("counter", "Alarms raised (each spooled, then published)", ("camera",)),
     "frame_errors": Spec("counter", "Frames of a camera that could not be scored "
                          "(undecodable, engine fault)", ("camera",)),

@@ -68,6 +68,8 @@ class Outbox:
             self.metrics.observe(stage, v)
         if s.unknown:
             self.metrics.inc("frames_unknown", camera=camera)
+        if s.relit:
+            self.metrics.inc("frames_relit", camera=camera)
 
     def _evidence(self, frame: Frame, amap: np.ndarray, cal, alarm: dict,
                   actions: Actions) -> dict | None:

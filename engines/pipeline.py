@@ -246,6 +246,10 @@ class FrameScore:
     map: np.ndarray | None      # (S, S) smoothed anomaly map (when asked for)
     timings: dict[str, float] = field(default_factory=dict)   # seconds per stage (batch share)
     typicality: float = 0.0     # median patch score of the frame under its expert
+    light_offset: float | None = None  # spreads from the expert's training frames' light
+                                       # (None: the expert keeps no light reference)
+    relit: bool = False         # the frame relit to its product's light scored lower, and
+                                # its score, map and typicality are that frame's
 
 
 class Pipeline:
@@ -371,10 +375,13 @@ class Pipeline:
         t2 = time.perf_counter()
         grids = self._grids(feats, chosen)
         t3 = time.perf_counter()
-        picked, relit = light_retries(images, chosen, self.engines.norms, self.light_retry)
+        picked, relit, offsets = light_retries(images, chosen, self.engines.norms,
+                                               self.light_retry)
+        taken = np.zeros(len(images), dtype=bool)
         if picked:  # light off the expert's: scored again relit, the lower score counts
             again = self._grids(self.features(relit)[0], [chosen[i] for i in picked])
-            keep_lower(grids, picked, again, chosen, self.engines.norms, self.top_k)
+            taken[picked] = keep_lower(grids, picked, again, chosen, self.engines.norms,
+                                       self.top_k)
         t3r = time.perf_counter()
         patch_scores = standardised(grids, chosen, self.engines.norms)  # once for both
         raw = image_scores(patch_scores, self.top_k)
@@ -395,5 +402,7 @@ class Pipeline:
                 score=float(cal.normalise(raw[i])) if cal else None,
                 anomalous=bool(cal.is_anomalous(raw[i])) if cal else None,
                 unknown=bool(unknown[i]), typicality=float(typical[i]), patch_nll=grids[i],
-                map=maps[i] if maps is not None else None, timings=dict(timings)))
+                map=maps[i] if maps is not None else None, timings=dict(timings),
+                light_offset=None if np.isnan(offsets[i]) else float(offsets[i]),
+                relit=bool(taken[i])))
         return out

@@ -194,11 +194,12 @@ def standardised(patch_nll: np.ndarray, owners, norms: dict | None) -> np.ndarra
 
 
 def light_retries(images: np.ndarray, owners, norms: dict | None, spreads: float
-                  ) -> tuple[list[int], np.ndarray]:
-    """The frames to score a second time in their product's typical light, and those frames
-    relit (``relit``): each frame whose light lies more than ``spreads`` spreads from its
-    expert's light reference (``light_offsets``). None when ``spreads`` is 0 or the experts
-    have no reference (runs from before it existed).
+                  ) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The frames to score a second time in their product's typical light, those frames
+    relit (``relit``), and every frame's light offset from its expert's reference in spreads
+    (``light_offsets``; NaN where the expert has none). A frame is retried when its offset is
+    over ``spreads``; none are when ``spreads`` is 0 or its expert has no reference (runs from
+    before it existed).
 
     The experts trained on views whose light varied by ±10 %; a frame beyond what a product's
     own frames show (a camera's gain or contrast turned up) can still score high on normal
@@ -206,16 +207,20 @@ def light_retries(images: np.ndarray, owners, norms: dict | None, spreads: float
     clipped highlight that relighting cannot restore leaves the frame as it came, a defect
     stays a defect in either light."""
     empty = np.zeros((0,) + tuple(np.shape(images)[1:]), dtype=np.uint8)
-    if spreads <= 0 or norms is None or len(images) == 0:
-        return [], empty
+    offsets = np.full(len(images), np.nan)
+    if norms is None or len(images) == 0:
+        return [], empty, offsets
     m, s = frame_light(images)
     picked, frames = [], []
     for i, owner in enumerate(owners):
         ref = getattr(norms.get(owner), "light", None)
-        if ref is not None and light_offsets(m[i], s[i], ref) > spreads:
+        if ref is None:
+            continue
+        offsets[i] = light_offsets(m[i], s[i], ref)
+        if 0 < spreads < offsets[i]:
             picked.append(i)
             frames.append(relit(images[i], float(m[i]), float(s[i]), ref))
-    return picked, (np.stack(frames) if frames else empty)
+    return picked, (np.stack(frames) if frames else empty), offsets
 
 
 def keep_lower(grids: np.ndarray, picked: list[int], again: np.ndarray, owners,

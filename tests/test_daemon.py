@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from moleflow.cli import main
+from moleflow.conditions import parse_condition
 from moleflow.engines.pipeline import EngineSet, Pipeline
 from moleflow.data import load_class, load_images
 
@@ -43,18 +44,26 @@ def test_req_rep_raw_and_jpeg_frames_become_results_and_alarms(engine_set, broke
                 assert sender.send_jpg(msg, jpg.tobytes()) == b"OK"
             else:
                 assert sender.send_image(msg, bgr) == b"OK"
-        results = listener.wait_for("cam1/result", len(items))
+        # a frame whose contrast the camera turned up: scored again in the product's light
+        bright = parse_condition("contrast:+40").apply(cv2.imread(str(items[0].path)))
+        assert sender.send_image(f"cam1|{len(items)}|{time.time()}", bright) == b"OK"
+        results = listener.wait_for("cam1/result", len(items) + 1)
         sender.close()
         # the same images scored offline by the engine set give the same decisions
+        raw = load_images([t.path for t in items[::2]], 64)
         offline = Pipeline(EngineSet.open(engine_set)).score(
-            load_images([t.path for t in items[::2]], 64))
+            np.concatenate([raw, bright[None, ..., ::-1]]))
         by_frame = {int(r["frame"]): r for r in results}
-        for k, f in zip(range(0, len(items), 2), offline):
+        for k, f in zip([*range(0, len(items), 2), len(items)], offline):
             r = by_frame[k]
             assert r["expert"] == f.expert == "beta"
             assert r["decision"] == ("anomalous" if f.anomalous else "normal")
             assert r["score_raw"] == pytest.approx(f.raw_score, rel=1e-4)
             assert 0.0 <= r["score"] <= 1.0 and r["latency_ms"]["total"] > 0
+            assert r["light_offset"] == pytest.approx(f.light_offset, abs=0.01)
+            assert r["relit"] == f.relit
+        assert by_frame[len(items)]["light_offset"] > 2  # over eval.light_retry: retried
+        assert "light_retry" in by_frame[len(items)]["latency_ms"]
         alarms = listener.json("cam1/alarm")
         assert len(alarms) == sum(r["decision"] == "anomalous" for r in results) > 0
         for r in results:

@@ -128,8 +128,9 @@ def test_relit_frame_gets_its_products_light_back():
         assert np.abs(back.astype(int) - frame[0].astype(int)).mean() < 2.5, cond
     norms = {"p": type("N", (), {"light": ref})(), "old": type("N", (), {"light": None})()}
     frames = np.concatenate([frame, parse_condition("contrast:+20").apply(frame)] * 2)
-    picked, relit_frames = light_retries(frames, ["p", "p", "old", "old"], norms, 2.0)
+    picked, relit_frames, offsets = light_retries(frames, ["p", "p", "old", "old"], norms, 2.0)
     assert picked == [1] and relit_frames.shape == (1, 48, 48, 3)  # old experts: no reference
+    assert offsets[0] < 2 < offsets[1] and np.isnan(offsets[2:]).all()
     assert light_retries(frames, ["p"] * 4, norms, 0.0)[0] == []    # 0: off
 
 

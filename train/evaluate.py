@@ -70,7 +70,7 @@ def score_class(model: MoLEFlow, feats: torch.Tensor, experts: np.ndarray, cfg: 
                              "eval.image_score 'standardised'")
     used = norms if cfg.image_score == "standardised" else None
     if images is not None and extract is not None:
-        picked, frames = light_retries(images, experts, used, cfg.light_retry)
+        picked, frames, _ = light_retries(images, experts, used, cfg.light_retry)
         if picked:
             again = np.concatenate([patch_scores(model, extract(f[None]), int(experts[i]), 1)
                                     .numpy() for i, f in zip(picked, frames)])
