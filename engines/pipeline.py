@@ -156,7 +156,10 @@ def scoring_rule(manifest: Manifest, key: str) -> str:
 
 
 def light_retry(manifest: Manifest) -> float:
-    """The manifest's ``scoring.light_retry`` (spreads; 0 = off, as in sets from before it)."""
+    """The manifest's ``scoring.light_retry`` (spreads; 0 = off, as in sets from before it, and
+    wherever the backbone standardises every frame's light anyway: nothing to retry then)."""
+    if manifest.input.get("standardise"):
+        return 0.0
     return float(manifest.scoring.get("light_retry", 0.0))
 
 
@@ -168,7 +171,7 @@ def scoring_key(manifest: Manifest, entry: ExpertEntry) -> str:
     if rule == "standardised" and entry.position_norm is not None:
         key += f" {entry.position_norm.sha256[:16]}"
     retry = light_retry(manifest)
-    key += f", light retry {retry:g}" if retry > 0 and not manifest.input.get("standardise") else ""
+    key += f", light retry {retry:g}" if retry > 0 else ""
     return key + f", map {scoring_rule(manifest, 'anomaly_map')}"
 
 
@@ -261,9 +264,7 @@ class Pipeline:
         self.mean, self.std = tuple(m.input["mean"]), tuple(m.input["std"])
         self.standardise = bool(m.input.get("standardise", False))
         self.top_k = int(m.scoring["top_k"])
-        # sets from before the light retry existed, or whose backbone standardises the light
-        # of every frame anyway, score each frame once
-        self.light_retry = 0.0 if self.standardise else light_retry(m)
+        self.light_retry = light_retry(m)
         self.sigma = float(m.scoring["smoothing_sigma"])
         self.map_rule = scoring_rule(m, "anomaly_map")
         self.dim = int(m.features["dim"])

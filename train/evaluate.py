@@ -97,8 +97,9 @@ def evaluate_class(model: MoLEFlow, router: PrototypeRouter | None, store: Featu
     """Route every test image (or use the true task when ``router`` is None) and score it."""
     feats = store.features(data, "test")
     routed = route_tasks(model, router, feats, task)
-    scores, maps = score_class(model, feats, routed, cfg, store.image_size, norms,
-                               store.images_of([t.path for t in data.test]), store.extract)
+    images = store.images_of([t.path for t in data.test]) if cfg.light_retry > 0 else None
+    scores, maps = score_class(model, feats, routed, cfg, store.image_size, norms, images,
+                               store.extract)
     labels = np.asarray([t.label for t in data.test])
     masks = store.masks(data)
     metrics = compute_class_metrics(labels, scores, masks, maps, routed == task,
